@@ -1,0 +1,192 @@
+"""Command line: `launch.py SWEEP.yaml`, `train`, `eval`, `export`, `capacity`, `report`.
+
+Parsing, config loading and user-facing errors live here; the work itself lives in msad.engine and msad.sweep.
+A user error prints one line to stderr and exits 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from msad.errors import UserError
+
+PROG = "launch.py"
+EXIT_USER_ERROR = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we print only the error, in one line, and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _add_global_options(parser: argparse.ArgumentParser, suppress_defaults: bool) -> None:
+    default = argparse.SUPPRESS if suppress_defaults else None
+    parser.add_argument("--address", default=default,
+                        help="Ray cluster to use: 'auto', 'ray://HOST:10001' or HOST:PORT (default: start a local Ray)")
+    parser.add_argument("--resume", action="store_true", default=argparse.SUPPRESS if suppress_defaults else False,
+                        help="continue the experiment or run of the same name from its checkpoints")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=PROG, description="msad: Multi-Scale Aligned Distillation on Ray. "
+                           f"Run a sweep with `{PROG} SWEEP.yaml [section.key=value ...]`, or one of the commands.")
+    _add_global_options(parser, suppress_defaults=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _add_global_options(sub, suppress_defaults=True)
+        return sub
+
+    sweep = command("sweep", "run a sweep of teachers and students (the default: `launch.py SWEEP.yaml`)")
+    sweep.add_argument("spec", help="sweep YAML, e.g. sweeps/quickstart.yaml")
+    sweep.add_argument("overrides", nargs="*", help="section.key=value applied to the sweep's base config")
+
+    train = command("train", "train one teacher, student or plain FCOS with Ray Train")
+    train.add_argument("config", help="config YAML, e.g. configs/teacher_w025_cpu.yaml")
+    train.add_argument("overrides", nargs="*", help="section.key=value, values parsed as YAML")
+
+    evaluate = command("eval", "evaluate a checkpoint (teacher, student or standalone student) on the val set")
+    evaluate.add_argument("config", help="config YAML describing the data and model")
+    evaluate.add_argument("overrides", nargs="*", help="section.key=value")
+    evaluate.add_argument("--weights", required=True, help="checkpoint file to evaluate")
+    evaluate.add_argument("--branch", choices=["fused", "high", "low"], default="fused",
+                          help="teacher branch to evaluate (ablation); ignored for students")
+    evaluate.add_argument("--output", default=None, help="folder for the results JSON and metrics")
+
+    export = command("export", "write a standalone student (weights + config, no teacher, no optimizer)")
+    export.add_argument("checkpoint", help="student training checkpoint")
+    export.add_argument("--output", required=True, help="file to write")
+
+    capacity = command("capacity", "backbone capacity and detector GFLOPs per width and role, beside the paper's")
+    capacity.add_argument("--json", action="store_true", help="print JSON rows for machines")
+
+    report = command("report", "results table (Markdown + CSV) and AP-vs-capacity plot of an experiment")
+    report.add_argument("experiment_dir", help="experiment folder written by a sweep")
+    return parser
+
+
+COMMANDS = ("sweep", "train", "eval", "export", "capacity", "report")
+
+
+def _route_bare_spec(argv: list[str]) -> list[str]:
+    """`launch.py SWEEP.yaml ...` means `launch.py sweep SWEEP.yaml ...`."""
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--address":
+            i += 2
+            continue
+        if token.startswith("-"):
+            i += 1
+            continue
+        if token not in COMMANDS:
+            return [*argv[:i], "sweep", *argv[i:]]
+        return argv
+    return argv
+
+
+def _existing_file(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: {what} not found")
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from msad.config import check_ready_to_train, load_config
+
+    cfg = load_config(_existing_file(args.config, "config file"), args.overrides)
+    check_ready_to_train(cfg)
+    from msad.engine.trainer import fit  # heavy (torch, Ray): only once the input is known to be good
+
+    result = fit(cfg, address=args.address, resume=args.resume)
+    print(json.dumps(result.summary(), indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from msad.config import load_config
+
+    cfg = load_config(_existing_file(args.config, "config file"), args.overrides)
+    weights = _existing_file(args.weights, "checkpoint")
+    from msad.engine.trainer import evaluate_checkpoint
+
+    output = Path(args.output) if args.output else weights.parent / f"eval_{weights.stem}"
+    metrics = evaluate_checkpoint(cfg, weights, output_dir=output, branch=args.branch, address=args.address)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from msad.engine.checkpoint import export_standalone_student
+
+    written = export_standalone_student(_existing_file(args.checkpoint, "checkpoint"), Path(args.output))
+    print(f"wrote {written}")
+    return 0
+
+
+def cmd_capacity(args: argparse.Namespace) -> int:
+    from msad.models.capacity import capacity_json, capacity_rows, format_capacity_table
+
+    rows = capacity_rows()
+    print(json.dumps(capacity_json(rows), indent=2) if args.json else format_capacity_table(rows))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    _existing_file(args.spec, "sweep file")
+    try:
+        from msad.sweep.runner import run_sweep
+    except ImportError:
+        raise UserError("sweeps are not built yet (issue: Ray Tune sweeps); use `launch.py train CONFIG.yaml`"
+                        ) from None
+    run_sweep(Path(args.spec), args.overrides, address=args.address, resume=args.resume)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    experiment = Path(args.experiment_dir)
+    if not experiment.is_dir():
+        raise UserError(f"{experiment}: experiment folder not found")
+    try:
+        from msad.sweep.report import write_report
+    except ImportError:
+        raise UserError("reports are not built yet (issue: Ray Tune sweeps)") from None
+    print(write_report(experiment))
+    return 0
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "sweep": cmd_sweep, "train": cmd_train, "eval": cmd_eval, "export": cmd_export,
+    "capacity": cmd_capacity, "report": cmd_report,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `launch.py` and the `msad` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(_route_bare_spec(list(sys.argv[1:] if argv is None else argv)))
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USER_ERROR
+        return HANDLERS[args.command](args)
+    except UserError as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; run the same command with --resume to continue", file=sys.stderr)
+        return 130
+
+
+def entry_point() -> NoReturn:
+    """Console-script wrapper: exit with main()'s code."""
+    sys.exit(main())

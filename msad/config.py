@@ -1,0 +1,380 @@
+"""The one typed config: dataclass sections, YAML files with `_base_` inheritance, `a.b=value` overrides, validation.
+
+Data flows one way: YAML + overrides -> plain dict -> `Config` (types checked, ranges checked) -> the rest of msad.
+Every user mistake becomes a one-line `UserError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from msad.errors import UserError
+
+WIDTHS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+SUPPORTED_LOW_RES_SCALES: tuple[float, ...] = (0.5,)  # L's P(k) aligns with H's P(k+1) only at exactly half size
+BASE_KEY = "_base_"
+
+
+@dataclass
+class ModelConfig:
+    width: float = 0.25  # active slimmable width; must be one of width_list
+    width_list: list[float] = field(default_factory=lambda: list(WIDTHS))  # widths the backbone weights hold
+    fpn_channels: int = 256  # FPN and head channels (256 in the paper; 64 is plenty for CPU runs)
+    head_convs: int = 4  # convs per FCOS tower
+    gn_groups: int = 32  # GroupNorm groups in the head towers
+    num_classes: int = 80  # foreground classes (the built-in dataset overrides this with its own count)
+    pretrained: str | None = None  # slimmable_networks ImageNet file (s_resnet50_0.25_0.5_0.75_1.0.pt), user-supplied
+    pretrained_format: Literal["slimmable", "torchvision"] = "slimmable"  # torchvision ResNet-50 needs width 1.0
+    fusion: bool = True  # teacher C-FF on; false = ablation "teacher on H only"
+    fusion_hidden: int = 32  # C-FF MLP hidden size
+
+
+@dataclass
+class ShapesDataConfig:
+    num_train: int = 512  # synthetic training images
+    num_val: int = 64  # synthetic validation images
+    image_size: int = 320  # longest side of generated images (pixels)
+    seed: int = 0  # generation seed: same seed, same files
+    cache_dir: str = "~/.cache/msad"  # where the dataset is written on first use
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["shapes", "coco"] = "shapes"  # built-in synthetic set, or COCO-format files
+    train_images: str | None = None  # COCO image folder (dataset: coco)
+    train_annotations: str | None = None  # COCO instances JSON (dataset: coco)
+    val_images: str | None = None
+    val_annotations: str | None = None
+    shapes: ShapesDataConfig = field(default_factory=ShapesDataConfig)
+    train_short_sides: list[int] = field(default_factory=lambda: [256])  # H short side drawn per image
+    test_short_side: int = 256  # H short side at evaluation
+    max_size: int = 1333  # cap on the H long side
+    low_res_scale: float = 0.5  # L = H * scale
+    low_res_mode: Literal["nearest", "antialias"] = "nearest"  # nearest = the original; antialias ~ a real camera
+    size_divisibility: int = 256  # pad H to a multiple of this (256 keeps L's pyramid aligned with H's)
+    hflip_prob: float = 0.5
+    num_workers: int = 2  # DataLoader processes per training worker
+
+
+@dataclass
+class TrainConfig:
+    role: Literal["teacher", "student", "fcos"] = "teacher"  # fcos = plain single-resolution baseline
+    iterations: int = 300
+    batch_per_worker: int = 8
+    base_lr: float = 0.01  # for the total batch (batch_per_worker x workers)
+    momentum: float = 0.9
+    warmup_iters: int = 100  # linear lr warm-up
+    warmup_factor: float = 0.001  # lr multiplier at iteration 0
+    lr_steps: list[int] = field(default_factory=lambda: [200, 260])  # iterations where lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    weight_decay: float = 0.0001
+    grad_clip: float = 0.0  # max total grad norm; 0 = off
+    amp: Literal["off", "bf16", "fp16"] = "off"  # mixed precision (GPU only)
+    checkpoint_period: int = 100  # iterations between checkpoints
+    eval_period: int = 0  # iterations between evaluations; 0 = only at the end
+    keep_checkpoints: int = 2  # last-K checkpoints kept, besides the best by AP
+    log_period: int = 10  # iterations between metric reports
+    seed: int = 0
+    fusion_joint_weight: float = 0.4  # teacher loss = L_H + L_L + w * L_fused
+    kd_alpha: float = 0.2  # distillation weight; 0 = KD off
+    kd_temperature: float = 3.0
+    kd_warmup_iters: int = 500  # linear ramp of the KD weight
+    kd_loss: Literal["l1", "mse"] = "l1"
+    teacher_checkpoint: str | None = None  # student only: the trained teacher (filled in by sweeps)
+    init_from_teacher: bool = True  # student starts from the teacher's backbone and head
+
+
+@dataclass
+class DistributedConfig:
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False  # one GPU per worker, nccl; otherwise CPU + gloo
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # only read when use_gpu
+    storage_path: str = "./runs"  # run directories (local path, NFS, or s3://bucket/prefix)
+    run_name: str = "msad"  # run directory name; re-running the same name resumes it
+    max_failures: int = 1  # worker-group restarts from the last checkpoint
+
+
+@dataclass
+class TrackingConfig:
+    project: str = "msad"  # W&B project
+    entity: str | None = None  # W&B entity (team or user)
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto = online only when a W&B key is set
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# YAML loading: `_base_` chains and overrides
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one YAML mapping; missing files and syntax errors become one-line UserErrors (with the line number)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown position"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path}: invalid YAML at {where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Merge `update` into a copy of `base`; nested mappings merge, everything else (lists too) replaces."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml_with_bases(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Load a YAML file, resolving `_base_` (a path or list of paths, relative to the file) recursively."""
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise UserError(f"{path}: _base_ cycle ({chain})")
+    data = read_yaml(path)
+    bases = data.pop(BASE_KEY, None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise UserError(f"{path}: _base_ must be a path or a list of paths, got {bases!r}")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = deep_merge(merged, load_yaml_with_bases(path.parent / base, (*_seen, path)))
+    return deep_merge(merged, data)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["train.kd_alpha=0.5", "model.width_list=[0.25,1.0]"] into a nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override {item!r}: expected section.key=value, e.g. train.kd_alpha=0.5")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise UserError(f"override {item!r}: value {raw!r} is not valid YAML") from None
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override {item!r}: {part} is set both as a value and as a section")
+            node = child
+        node[leaf] = value
+    return nested
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dict -> typed dataclasses
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _describe_type(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe_type(a) for a in get_args(tp))
+    if origin is list:
+        (inner,) = get_args(tp)
+        return f"a list of {_describe_type(inner)}"
+    if tp is type(None):
+        return "null"
+    names = {float: "a number", int: "an integer", bool: "true/false", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints widen to floats, nothing else is converted silently."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except UserError:
+                continue
+    elif origin is Literal:
+        if value in get_args(tp) and not isinstance(value, bool):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            (inner,) = get_args(tp)
+            return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build_section(tp, value, key)
+    raise UserError(f"{key}: invalid value {value!r}; expected {_describe_type(tp)}")
+
+
+def _build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            raise UserError(f"unknown key {full}{_suggest(str(key), names, prefix)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}.{f.name}" if prefix else f.name
+        keys.append(full)
+        tp = get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys.extend(_all_keys(tp, full))
+    return keys
+
+
+def _suggest(key: str, names: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)"
+    # a key put in the wrong section: look for it anywhere in the tree
+    elsewhere = [k for k in _all_keys(Config) if k.rsplit(".", 1)[-1] == key]
+    if elsewhere:
+        return f" (did you mean {elsewhere[0]}?)"
+    return f"; valid keys here: {', '.join(names)}"
+
+
+def _check(condition: bool, key: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise UserError(f"{key}: invalid value {value!r}; allowed: {allowed}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range and cross-field checks that types alone cannot express."""
+    m, d, t, dist = cfg.model, cfg.data, cfg.train, cfg.distributed
+    _check(bool(m.width_list) and all(w in WIDTHS for w in m.width_list), "model.width_list", m.width_list,
+           f"a non-empty list drawn from {list(WIDTHS)}")
+    _check(m.width in m.width_list, "model.width", m.width, f"one of model.width_list {m.width_list}")
+    for key in ("fpn_channels", "head_convs", "gn_groups", "num_classes", "fusion_hidden"):
+        _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "an integer >= 1")
+    if m.pretrained_format == "torchvision" and m.pretrained is not None:
+        _check(m.width_list == [1.0], "model.width_list", m.width_list, "[1.0] with torchvision ResNet-50 weights")
+
+    _check(d.low_res_scale in SUPPORTED_LOW_RES_SCALES, "data.low_res_scale", d.low_res_scale,
+           f"{list(SUPPORTED_LOW_RES_SCALES)} (L's P(k) must align with H's P(k+1))")
+    _check(bool(d.train_short_sides) and all(s >= 32 for s in d.train_short_sides), "data.train_short_sides",
+           d.train_short_sides, "a non-empty list of sizes >= 32")
+    _check(d.test_short_side >= 32, "data.test_short_side", d.test_short_side, "a size >= 32")
+    _check(d.max_size >= max(d.train_short_sides + [d.test_short_side]), "data.max_size", d.max_size,
+           "a size >= every short side")
+    _check(d.size_divisibility >= 1 and d.size_divisibility % 128 == 0, "data.size_divisibility",
+           d.size_divisibility, "a positive multiple of 128 (L is half of H, and L's P6 has stride 64)")
+    _check(0.0 <= d.hflip_prob <= 1.0, "data.hflip_prob", d.hflip_prob, "a probability in [0, 1]")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    if d.dataset == "coco":
+        for key in ("train_images", "train_annotations", "val_images", "val_annotations"):
+            _check(getattr(d, key) is not None, f"data.{key}", None, "a path when data.dataset is coco")
+    s = d.shapes
+    _check(s.num_train >= 1, "data.shapes.num_train", s.num_train, "an integer >= 1")
+    _check(s.num_val >= 1, "data.shapes.num_val", s.num_val, "an integer >= 1")
+    _check(s.image_size >= 64, "data.shapes.image_size", s.image_size, "a size >= 64")
+
+    for key in ("iterations", "batch_per_worker", "checkpoint_period", "log_period", "keep_checkpoints"):
+        _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
+    for key in ("warmup_iters", "eval_period", "kd_warmup_iters"):
+        _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "an integer >= 0")
+    _check(t.base_lr > 0, "train.base_lr", t.base_lr, "a number > 0")
+    for key in ("momentum", "weight_decay", "grad_clip", "fusion_joint_weight", "kd_alpha"):
+        _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "a number >= 0")
+    _check(0 < t.warmup_factor <= 1, "train.warmup_factor", t.warmup_factor, "a number in (0, 1]")
+    _check(0 < t.lr_gamma <= 1, "train.lr_gamma", t.lr_gamma, "a number in (0, 1]")
+    _check(t.lr_steps == sorted(t.lr_steps) and all(0 < s < t.iterations for s in t.lr_steps), "train.lr_steps",
+           t.lr_steps, f"increasing iterations between 1 and train.iterations-1 ({t.iterations - 1})")
+    _check(t.kd_temperature > 0, "train.kd_temperature", t.kd_temperature, "a number > 0")
+    if t.amp != "off":
+        _check(dist.use_gpu, "train.amp", t.amp, "'off' unless distributed.use_gpu is true")
+
+    _check(dist.num_workers >= 1, "distributed.num_workers", dist.num_workers, "an integer >= 1")
+    _check(dist.cpus_per_worker > 0, "distributed.cpus_per_worker", dist.cpus_per_worker, "a number > 0")
+    _check(dist.gpus_per_worker > 0, "distributed.gpus_per_worker", dist.gpus_per_worker, "a number > 0")
+    _check(dist.max_failures >= -1, "distributed.max_failures", dist.max_failures, "an integer >= -1 (-1 = forever)")
+    _check(bool(dist.run_name) and "/" not in dist.run_name, "distributed.run_name", dist.run_name,
+           "a non-empty name without '/'")
+    return cfg
+
+
+def check_ready_to_train(cfg: Config) -> None:
+    """Checks that only matter once training starts (a sweep may fill these in later)."""
+    t = cfg.train
+    if t.role == "student" and not t.teacher_checkpoint:
+        raise UserError("train.teacher_checkpoint: a student needs its trained teacher's checkpoint (got null)")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a plain (merged) dict."""
+    if not isinstance(data, dict):
+        raise UserError(f"config: expected a mapping of sections, got {type(data).__name__}")
+    return validate(_build_section(Config, data, ""))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a config file (with its `_base_` chain), apply `a.b=value` overrides, and validate."""
+    data = load_yaml_with_bases(path) if path is not None else {}
+    data = deep_merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (every key, defaults included) so a run can be reproduced from its directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+

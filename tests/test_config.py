@@ -1,0 +1,143 @@
+"""Config loading, `_base_` inheritance, overrides and every validation message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from msad.config import Config, check_ready_to_train, load_config, parse_overrides, save_config
+from msad.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid() -> None:
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.model.width == 0.25 and cfg.data.low_res_scale == 0.5 and cfg.train.kd_alpha == 0.2
+
+
+def test_chain_of_two_bases_with_relative_paths(tmp_path: Path) -> None:
+    write(tmp_path / "base" / "root.yaml", "model:\n  fpn_channels: 64\n  num_classes: 5\ntrain:\n  iterations: 50\n"
+          "  lr_steps: [30]\n")
+    write(tmp_path / "base" / "mid.yaml", "_base_: root.yaml\nmodel:\n  fpn_channels: 128\ntrain:\n  base_lr: 0.02\n")
+    leaf = write(tmp_path / "leaf.yaml", "_base_: base/mid.yaml\ntrain:\n  role: student\n")
+    cfg = load_config(leaf)
+    assert cfg.model.fpn_channels == 128  # mid overrides root
+    assert cfg.model.num_classes == 5  # root survives through mid
+    assert cfg.train.base_lr == 0.02 and cfg.train.iterations == 50 and cfg.train.lr_steps == [30]
+    assert cfg.train.role == "student"  # leaf wins
+    assert cfg.model.head_convs == 4  # untouched defaults stay
+
+
+def test_base_list_merges_in_order(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", "train:\n  seed: 1\n  iterations: 40\n  lr_steps: [20]\n")
+    write(tmp_path / "b.yaml", "train:\n  seed: 2\n")
+    cfg = load_config(write(tmp_path / "c.yaml", "_base_: [a.yaml, b.yaml]\n"))
+    assert cfg.train.seed == 2 and cfg.train.iterations == 40
+
+
+def test_base_cycle_is_reported(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(UserError, match="_base_ cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_missing_base_names_the_file(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "a.yaml", "_base_: nope.yaml\n")
+    with pytest.raises(UserError, match=r"nope\.yaml: file not found"):
+        load_config(cfg)
+
+
+def test_overrides_nested_and_typed(tmp_path: Path) -> None:
+    cfg = load_config(None, ["train.kd_alpha=0.5", "model.width_list=[0.25, 1.0]", "model.width=1.0",
+                             "data.shapes.num_train=32", "train.teacher_checkpoint=/tmp/t.pt", "data.hflip_prob=0",
+                             "tracking.entity=null", "distributed.use_gpu=false"])
+    assert cfg.train.kd_alpha == 0.5 and isinstance(cfg.train.kd_alpha, float)
+    assert cfg.model.width_list == [0.25, 1.0] and cfg.model.width == 1.0
+    assert cfg.data.shapes.num_train == 32 and isinstance(cfg.data.shapes.num_train, int)
+    assert cfg.train.teacher_checkpoint == "/tmp/t.pt"
+    assert cfg.data.hflip_prob == 0.0 and isinstance(cfg.data.hflip_prob, float)  # int widens to float
+    assert cfg.tracking.entity is None and cfg.distributed.use_gpu is False
+
+
+def test_overrides_beat_files(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", "train:\n  kd_alpha: 0.1\n")
+    assert load_config(path, ["train.kd_alpha=0.3"]).train.kd_alpha == 0.3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.kd_alhpa=0.1"], "unknown key train.kd_alhpa (did you mean train.kd_alpha?)"),
+        (["modle.width=0.5"], "unknown key modle (did you mean model?)"),
+        (["train.fpn_channels=64"], "unknown key train.fpn_channels (did you mean model.fpn_channels?)"),
+        (["data.shapes.num_trian=3"], "unknown key data.shapes.num_trian (did you mean data.shapes.num_train?)"),
+        (["train.iterations=ten"], "train.iterations: invalid value 'ten'; expected an integer"),
+        (["train.iterations=3.5"], "train.iterations: invalid value 3.5; expected an integer"),
+        (["train.kd_alpha=true"], "train.kd_alpha: invalid value True; expected a number"),
+        (["train.role=teacherr"], "train.role: invalid value 'teacherr'; expected one of 'teacher', 'student', 'fcos'"),
+        (["model.width=0.3"], "model.width: invalid value 0.3; allowed: one of model.width_list [0.25, 0.5, 0.75"),
+        (["model.width_list=[0.25, 0.6]"], "model.width_list: invalid value [0.25, 0.6]; allowed: a non-empty list"),
+        (["data.low_res_scale=0.25"], "data.low_res_scale: invalid value 0.25; allowed: [0.5]"),
+        (["train.base_lr=-0.01"], "train.base_lr: invalid value -0.01; allowed: a number > 0"),
+        (["train.lr_steps=[250, 100]"], "train.lr_steps: invalid value [250, 100]; allowed: increasing iterations"),
+        (["train.amp=bf16"], "train.amp: invalid value 'bf16'; allowed: 'off' unless distributed.use_gpu is true"),
+        (["data.size_divisibility=100"], "data.size_divisibility: invalid value 100; allowed: a positive multiple"),
+        (["data.dataset=coco"], "data.train_images: invalid value None; allowed: a path when data.dataset is coco"),
+        (["model=3"], "model: invalid value 3; expected ModelConfig"),
+        (["train.kd_alpha"], "override 'train.kd_alpha': expected section.key=value"),
+        (["train.lr_steps=[1, 2"], "override 'train.lr_steps=[1, 2': value '[1, 2' is not valid YAML"),
+    ],
+)
+def test_validation_messages(overrides: list[str], message: str) -> None:
+    with pytest.raises(UserError) as info:
+        load_config(None, overrides)
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_student_without_teacher_checkpoint_fails_once_training_starts() -> None:
+    cfg = load_config(None, ["train.role=student"])  # fine to load: a sweep fills the checkpoint in
+    with pytest.raises(UserError, match="train.teacher_checkpoint: a student needs"):
+        check_ready_to_train(cfg)
+    check_ready_to_train(load_config(None, ["train.role=student", "train.teacher_checkpoint=t.pt"]))
+
+
+def test_bad_yaml_reports_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "bad.yaml", "model:\n  width: 0.25\n  fpn_channels: [64\ntrain:\n  iterations: 3\n")
+    with pytest.raises(UserError, match=r"bad\.yaml: invalid YAML at line 4"):
+        load_config(path)
+
+
+def test_top_level_must_be_mapping(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="expected a mapping"):
+        load_config(write(tmp_path / "list.yaml", "- 1\n- 2\n"))
+
+
+def test_parse_overrides_conflict() -> None:
+    with pytest.raises(UserError, match="set both as a value and as a section"):
+        parse_overrides(["train=1", "train.seed=2"])
+
+
+def test_saved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["train.kd_alpha=0.7", "model.fpn_channels=64"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["kd_alpha"] == 0.7
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    load_config(path)
