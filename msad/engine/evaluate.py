@@ -1,0 +1,102 @@
+"""COCO box evaluation: detections -> COCO results -> pycocotools COCOeval metrics.
+
+Workers turn their detections into plain-Python result dicts (`to_coco_results`), which are cheap to gather across
+processes; one process then scores them (`coco_evaluate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+# COCOeval.stats indices of the box metrics reported (AP over IoU 0.5:0.95, at 0.5, at 0.75, by object area).
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def to_coco_results(
+    detections: list[dict[str, Any]], targets: list[dict[str, Any]], contiguous_to_category_id: Sequence[int]
+) -> list[dict[str, Any]]:
+    """COCO "results" entries for a batch of detections, in the original images' coordinates.
+
+    Args:
+        detections: per image "boxes" [K, 4] xyxy in resized-image pixels, "scores" [K], "labels" [K] contiguous.
+        targets: the matching targets; their "scale" (resized / original), "orig_size" (h, w) and "image_id"
+            map the boxes back to the image the annotations describe.
+        contiguous_to_category_id: the dataset's label -> COCO category id table.
+
+    Returns:
+        Dicts with "image_id", "category_id", "bbox" (xywh) and "score", all plain Python numbers.
+    """
+    category_ids = torch.as_tensor(list(contiguous_to_category_id), dtype=torch.int64)
+    results: list[dict[str, Any]] = []
+    for detection, target in zip(detections, targets, strict=True):
+        height, width = target["orig_size"]
+        boxes = detection["boxes"].detach().to("cpu", torch.float64) / float(target["scale"])
+        # Detections were clipped to the resized image; the unrounded scale can overshoot the original by a hair.
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        boxes[:, 2:] -= boxes[:, :2]
+        categories = category_ids[detection["labels"].detach().cpu()].tolist()
+        image_id = int(target["image_id"])
+        results.extend(
+            {"image_id": image_id, "category_id": category, "bbox": box, "score": score}
+            for box, score, category in zip(
+                boxes.tolist(), detection["scores"].detach().cpu().tolist(), categories, strict=True
+            )
+        )
+    return results
+
+
+def coco_evaluate(
+    coco_gt: COCO,
+    results: list[dict[str, Any]],
+    image_ids: Sequence[int] | None = None,
+    output_json: Path | None = None,
+    verbose: bool = False,
+) -> dict[str, float]:
+    """Box AP of `results` against `coco_gt` with pycocotools' COCOeval.
+
+    Args:
+        coco_gt: ground truth (CocoDetection.coco).
+        results: COCO results dicts, e.g. gathered `to_coco_results` output of all workers.
+        image_ids: evaluate only these images (when a subset of the split was run); None = every image in coco_gt.
+            Images without any result still count: their ground truth is missed.
+        output_json: if given, the results are written there (pycocotools' results format).
+        verbose: print pycocotools' own progress and summary table.
+
+    Returns:
+        {"AP", "AP50", "AP75", "APs", "APm", "APl"} as fractions in [0, 1]. All 0.0 for empty results (nothing
+        detected). A metric whose area range has no ground truth at all (pycocotools' -1) is NaN: undefined, not
+        zero.
+    """
+    if output_json is not None:
+        _write_json_atomically(Path(output_json), results)
+    if not results:  # pycocotools' loadRes cannot index an empty list
+        return dict.fromkeys(METRIC_NAMES, 0.0)
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])  # copies: loadRes adds keys to the dicts it gets
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(v) if v >= 0 else math.nan for name, v in zip(METRIC_NAMES, evaluator.stats, strict=False)}
+
+
+def _write_json_atomically(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial")
+    staging.write_text(json.dumps(payload))
+    os.replace(staging, path)
