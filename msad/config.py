@@ -40,7 +40,9 @@ class ModelConfig:
 class ShapesDataConfig:
     num_train: int = 512  # synthetic training images
     num_val: int = 64  # synthetic validation images
-    image_size: int = 320  # longest side of generated images (pixels)
+    image_size: list[int] = field(default_factory=lambda: [256, 384])  # (min, max) side; each image draws h and w
+    objects_per_image: list[int] = field(default_factory=lambda: [4, 16])  # (min, max) objects per image
+    object_size: list[int] = field(default_factory=lambda: [6, 60])  # (min, max) object side, log-uniform
     seed: int = 0  # generation seed: same seed, same files
     cache_dir: str = "~/.cache/msad"  # where the dataset is written on first use
 
@@ -323,7 +325,12 @@ def validate(cfg: Config) -> Config:
     s = d.shapes
     _check(s.num_train >= 1, "data.shapes.num_train", s.num_train, "an integer >= 1")
     _check(s.num_val >= 1, "data.shapes.num_val", s.num_val, "an integer >= 1")
-    _check(s.image_size >= 64, "data.shapes.image_size", s.image_size, "a size >= 64")
+    for key, low in (("image_size", 64), ("objects_per_image", 1), ("object_size", 4)):
+        pair = getattr(s, key)
+        _check(len(pair) == 2 and low <= pair[0] <= pair[1], f"data.shapes.{key}", pair,
+               f"[min, max] with {low} <= min <= max")
+    _check(s.object_size[1] <= s.image_size[0], "data.shapes.object_size", s.object_size,
+           f"a range whose max fits the smallest image side ({s.image_size[0]})")
 
     for key in ("iterations", "batch_per_worker", "checkpoint_period", "log_period", "keep_checkpoints"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")

@@ -138,6 +138,6 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path: Path) -> None:
     load_config(path)
