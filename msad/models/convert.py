@@ -1,0 +1,147 @@
+"""Convert the original MSAD project's Detectron2 checkpoints (``model_final.pth``) to this package's names.
+
+The original saves ``{"model": state_dict, ...}``. A teacher file holds ``T_backbone.*`` (slimmable ResNet-50 under
+``bottom_up.features``, FPN ``fpn_lateral{2..5}`` / ``fpn_output{2..5}``, ``top_block.p6`` / ``p7``),
+``T_fcos_head.*`` and the fusion ``SE.fc.{0,2}.weight``; a student file holds the same plus ``S_backbone.*`` and
+``S_fcos_head.*``. Our modules were named to make this a prefix rename: the backbone keeps the slimmable layout,
+the head keeps the FCOS attribute names, the pyramid has ``lateral.{k}`` / ``output.{k}`` / ``p6`` / ``p7`` and the
+fusion ``fc``. Every key must match a rule; anything else is refused by name, so nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from msad.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from msad.errors import UserError
+
+# Detectron2's meta-architecture may save the input normalisation as buffers (0..255 scale). Ours is ImageNet RGB;
+# weights trained with another normalisation (e.g. Detectron2's BGR default) would see different inputs here.
+_PIXEL_STATS = {"pixel_mean": IMAGENET_MEAN, "pixel_std": IMAGENET_STD}
+
+_HEAD_PARAMS = (
+    r"(?:cls|bbox)_tower\.\d+\.(?:weight|bias)|cls_logits\.(?:weight|bias)|bbox_pred\.weight|ctrness\.weight"
+    r"|scales\.\d+\.scale"
+)
+
+
+def _rules(prefix: str) -> list[tuple[re.Pattern[str], str]]:
+    """(pattern on the original key, our key template) for one model, ``prefix`` "T" (teacher) or "S" (student)."""
+    return [
+        (re.compile(rf"{prefix}_backbone\.bottom_up\.(features\..+)"), r"backbone.\1"),
+        (re.compile(rf"{prefix}_backbone\.fpn_lateral([2-5])\.(weight|bias)"), r"pyramid.lateral.\1.\2"),
+        (re.compile(rf"{prefix}_backbone\.fpn_output([2-5])\.(weight|bias)"), r"pyramid.output.\1.\2"),
+        (re.compile(rf"{prefix}_backbone\.top_block\.(p6|p7)\.(weight|bias)"), r"pyramid.\1.\2"),
+        (re.compile(rf"{prefix}_fcos_head\.({_HEAD_PARAMS})"), r"head.\1"),
+    ]
+
+
+_TEACHER_RULES = [*_rules("T"), (re.compile(r"SE\.(fc\.[02]\.weight)"), r"fusion.\1")]
+_STUDENT_RULES = _rules("S")
+
+
+@dataclass
+class ConvertedCheckpoint:
+    """Weights of an original checkpoint in our names.
+
+    Args:
+        role: "student" if the file holds a student (``S_*`` keys), else "teacher".
+        teacher: an ``MSADTeacher`` state dict (with ``fusion.*`` only if the file had ``SE.*``: build the teacher
+            with ``fusion=False`` otherwise); None if the file has no teacher keys.
+        student: an ``MSADStudent`` state dict; None for a teacher file.
+    """
+
+    role: str
+    teacher: dict[str, Tensor] | None
+    student: dict[str, Tensor] | None
+
+
+def _check_pixel_stats(key: str, value: Tensor, source: str) -> None:
+    expected = torch.tensor(_PIXEL_STATS[key]) * 255.0
+    if value.numel() != 3 or not torch.allclose(value.flatten().float(), expected, atol=0.01):
+        raise UserError(
+            f"{source}: {key} is {value.flatten().tolist()}, but msad normalises RGB inputs with "
+            f"{[round(v, 3) for v in expected.tolist()]}; these weights expect other inputs and cannot be converted"
+        )
+
+
+def convert_original(state_dict: Mapping[str, object], source: str = "original checkpoint") -> ConvertedCheckpoint:
+    """Rename an original MSAD state dict to our teacher / student state dicts.
+
+    Args:
+        state_dict: the ``"model"`` entry of an original checkpoint (tensors keyed ``T_*``, ``S_*``, ``SE.*``).
+        source: what it came from (a path), for error messages.
+
+    Raises:
+        UserError: a value is not a tensor, a key matches no rule (naming the first), an expected part is missing,
+            or the file's saved input normalisation differs from ours.
+    """
+    teacher: dict[str, Tensor] = {}
+    student: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            raise UserError(f"{source}: key {key!r} holds a {type(value).__name__}, not a tensor")
+        if key in _PIXEL_STATS:
+            _check_pixel_stats(key, value, source)
+            continue
+        for target, rules in ((teacher, _TEACHER_RULES), (student, _STUDENT_RULES)):
+            ours = next((pattern.sub(template, key) for pattern, template in rules if pattern.fullmatch(key)), None)
+            if ours is not None:
+                target[ours] = value
+                break
+        else:
+            raise UserError(f"{source} has key {key!r}, which matches no part of an MSAD teacher or student")
+    for name, part in (("teacher", teacher), ("student", student)):
+        prefixes = {key.split(".", 1)[0] for key in part}
+        if part and not {"backbone", "pyramid", "head"} <= prefixes:
+            raise UserError(f"{source}: the {name} keys cover only {sorted(prefixes)}; backbone, FPN and head needed")
+    if not teacher and not student:
+        raise UserError(f"{source} holds no MSAD weights (no T_backbone / S_backbone keys)")
+    return ConvertedCheckpoint(
+        role="student" if student else "teacher", teacher=teacher or None, student=student or None
+    )
+
+
+def infer_width(converted_state: Mapping[str, Tensor]) -> float:
+    """The slimmable width a converted state dict was trained at, read from the res5 lateral's input channels.
+
+    Slimmable convs are stored at full width for every width, but the pyramid's laterals take the sliced channels:
+    res5 has int(2048 * width) of them.
+    """
+    return converted_state["pyramid.lateral.5.weight"].shape[1] / 2048
+
+
+def load_original(path: str | Path) -> ConvertedCheckpoint:
+    """Read an original ``.pth`` file with ``torch.load(weights_only=True)`` and convert it.
+
+    Args:
+        path: a Detectron2 checkpoint of the original project (``{"model": state_dict, ...}``).
+    """
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as e:
+        if "numpy" in str(e):
+            raise UserError(
+                f"{path} holds numpy arrays, which safe loading (weights_only) refuses; if you trust the file, "
+                "re-save it with tensors: torch.save({'model': {k: torch.as_tensor(v) for k, v in "
+                "torch.load(src, weights_only=False)['model'].items()}}, dst)"
+            ) from None
+        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"checkpoint {path} is a {type(data).__name__}, not a Detectron2 checkpoint dict")
+    state = data.get("model", data)
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path}: 'model' is a {type(state).__name__}, not a state dict")
+    return convert_original(state, source=str(path))
