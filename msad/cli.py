@@ -17,6 +17,7 @@ from msad.errors import UserError
 
 PROG = "launch.py"
 EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -120,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from msad.engine.trainer import evaluate_checkpoint
 
     output = Path(args.output) if args.output else weights.parent / f"eval_{weights.stem}"
-    metrics = evaluate_checkpoint(cfg, weights, output_dir=output, branch=args.branch, address=args.address)
+    metrics = evaluate_checkpoint(cfg, weights, output_dir=output, branch=args.branch)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -182,6 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as err:
+        if type(err).__name__ != "RunFailedError":  # a run that started and failed: one line, exit 1
+            raise
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         print("interrupted; run the same command with --resume to continue", file=sys.stderr)
         return 130

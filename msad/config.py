@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,19 @@ from msad.errors import UserError
 WIDTHS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 SUPPORTED_LOW_RES_SCALES: tuple[float, ...] = (0.5,)  # L's P(k) aligns with H's P(k+1) only at exactly half size
 BASE_KEY = "_base_"
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`; users write `1e-3`)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -135,7 +149,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _yaml_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown position"
@@ -187,7 +201,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise UserError(f"override {item!r}: expected section.key=value, e.g. train.kd_alpha=0.5")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             raise UserError(f"override {item!r}: value {raw!r} is not valid YAML") from None
         node = nested

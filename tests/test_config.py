@@ -141,3 +141,9 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path: Path) -> None:
     load_config(path)
+
+
+def test_scientific_notation_is_a_number(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", "train:\n  weight_decay: 5e-5\n")
+    cfg = load_config(path, ["train.base_lr=1e-3"])
+    assert cfg.train.base_lr == 0.001 and cfg.train.weight_decay == 0.00005

@@ -1,0 +1,142 @@
+"""Config -> the objects a run needs: datasets, model, optimizer, learning-rate schedule.
+
+The one place where config keys meet constructors, so the loop and the CLI never parse config fields themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from msad.config import Config, DataConfig, ModelConfig
+from msad.data.coco import CocoDetection
+from msad.data.shapes import ShapesSpec, ensure_shapes_dataset
+from msad.data.transforms import eval_transform, train_transform
+from msad.errors import UserError
+from msad.models.detector import FCOSDetector
+from msad.models.slimmable import load_slimmable_imagenet, load_torchvision_resnet50
+from msad.models.student import MSADStudent
+from msad.models.teacher import MSADTeacher
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """Image folders and instances files of both splits."""
+
+    train_images: Path
+    train_annotations: Path
+    val_images: Path
+    val_annotations: Path
+
+
+def resolve_data_paths(data: DataConfig) -> DataPaths:
+    """COCO paths as given, or the built-in dataset's (generated on first use)."""
+    if data.dataset == "coco":
+        paths = DataPaths(*(Path(getattr(data, k)).expanduser() for k in
+                            ("train_images", "train_annotations", "val_images", "val_annotations")))
+        for key in ("train_images", "val_images"):
+            if not getattr(paths, key).is_dir():
+                raise UserError(f"data.{key}: folder {getattr(paths, key)} not found")
+        for key in ("train_annotations", "val_annotations"):
+            if not getattr(paths, key).is_file():
+                raise UserError(f"data.{key}: file {getattr(paths, key)} not found")
+        return paths
+    s = data.shapes
+    spec = ShapesSpec(num_train=s.num_train, num_val=s.num_val, image_size=tuple(s.image_size),
+                      objects_per_image=tuple(s.objects_per_image), object_size=tuple(s.object_size), seed=s.seed)
+    generated = ensure_shapes_dataset(Path(s.cache_dir).expanduser(), spec)
+    return DataPaths(generated.train_images, generated.train_annotations, generated.val_images,
+                     generated.val_annotations)
+
+
+def build_train_dataset(cfg: Config, paths: DataPaths) -> CocoDetection:
+    d = cfg.data
+    return CocoDetection(paths.train_images, paths.train_annotations,
+                         train_transform(d.train_short_sides, d.max_size, d.hflip_prob))
+
+
+def build_val_dataset(cfg: Config, paths: DataPaths) -> CocoDetection:
+    return CocoDetection(paths.val_images, paths.val_annotations, eval_transform(cfg.data.test_short_side,
+                                                                                 cfg.data.max_size))
+
+
+def check_num_classes(cfg: Config, dataset: CocoDetection) -> None:
+    """The head's class count must match the data's: a silent mismatch trains garbage."""
+    if cfg.model.num_classes != dataset.num_classes:
+        raise UserError(f"model.num_classes: invalid value {cfg.model.num_classes}; allowed: "
+                        f"{dataset.num_classes} (the categories in {dataset.annotation_file})")
+
+
+def _detector_kwargs(model: ModelConfig) -> dict:
+    return dict(width=model.width, width_list=model.width_list, fpn_channels=model.fpn_channels,
+                num_classes=model.num_classes, head_convs=model.head_convs, gn_groups=model.gn_groups)
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The model of the run's role, at its width, with ImageNet weights loaded when a path is given."""
+    role = cfg.train.role
+    if role == "fcos":
+        model: nn.Module = FCOSDetector(**_detector_kwargs(cfg.model))
+    elif role == "teacher":
+        model = build_teacher(cfg)
+    else:
+        model = MSADStudent(**_detector_kwargs(cfg.model), low_res_mode=cfg.data.low_res_mode,
+                            temperature=cfg.train.kd_temperature, kd_loss=cfg.train.kd_loss)
+    if cfg.model.pretrained and role != "student":  # a student starts from its teacher (or, ablation, random)
+        load_backbone_weights(model.backbone, cfg.model)
+    return model
+
+
+def build_teacher(cfg: Config) -> MSADTeacher:
+    """The teacher as configured by `cfg` (also used to rebuild a trained teacher from its saved config)."""
+    return MSADTeacher(**_detector_kwargs(cfg.model), fusion=cfg.model.fusion, fusion_hidden=cfg.model.fusion_hidden,
+                       joint_weight=cfg.train.fusion_joint_weight, low_res_mode=cfg.data.low_res_mode)
+
+
+def load_backbone_weights(backbone: nn.Module, model: ModelConfig) -> None:
+    path = Path(model.pretrained).expanduser()
+    if not path.is_file():
+        raise UserError(f"model.pretrained: file {path} not found")
+    if model.pretrained_format == "slimmable":
+        load_slimmable_imagenet(backbone, path)
+    else:
+        load_torchvision_resnet50(backbone, path)
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
+    """SGD over trainable parameters; norm parameters get no weight decay (as Detectron2's WEIGHT_DECAY_NORM=0)."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm))
+            (no_decay if is_norm else decay).append(param)
+    t = cfg.train
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=t.base_lr, momentum=t.momentum)
+
+
+def lr_factor(cfg: Config, iteration: int) -> float:
+    """Linear warm-up from warmup_factor to 1, then x lr_gamma at each step: the paper's schedule."""
+    t = cfg.train
+    decay = t.lr_gamma ** sum(1 for step in t.lr_steps if iteration >= step)
+    if iteration >= t.warmup_iters:
+        return decay
+    alpha = iteration / t.warmup_iters
+    return decay * (t.warmup_factor * (1 - alpha) + alpha)
+
+
+def build_lr_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped once per iteration; its state (last_epoch) is saved in checkpoints."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
+
+
+def iterations_per_epoch(dataset_size: int, batch_per_worker: int, num_workers: int) -> int:
+    """Full batches per epoch for every worker (drop_last), at least 1."""
+    per_worker = math.ceil(dataset_size / num_workers)
+    return max(per_worker // batch_per_worker, 1)

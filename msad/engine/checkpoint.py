@@ -1,0 +1,128 @@
+"""Checkpoint files: atomic writes, integrity checks, safe loading, teacher checks and standalone student export.
+
+A checkpoint is a plain dict of tensors and primitives written with `torch.save` and read with
+`torch.load(weights_only=True)`, so opening a file never runs code from it. A SHA-256 of the bytes is written
+beside it; a truncated or altered file fails that check and is reported as corrupt instead of half-loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msad.config import Config, config_from_dict
+from msad.errors import UserError
+
+CHECKPOINT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.pt"
+DIGEST_SUFFIX = ".sha256"
+
+
+class CorruptCheckpointError(UserError):
+    """The file exists but cannot be trusted: digest mismatch, truncated archive, or missing fields."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_write(path: Path, writer: Any) -> None:
+    with path.open("wb") as f:
+        writer(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write `state` to `path` via a temp file + rename (a crash never leaves a half file under the real name)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _fsync_write(tmp, lambda f: torch.save(state, f))
+    digest = _sha256(tmp)
+    tmp_digest = path.with_name(f".{path.name}{DIGEST_SUFFIX}.tmp-{os.getpid()}")
+    _fsync_write(tmp_digest, lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    os.replace(tmp, path)
+    os.replace(tmp_digest, path.with_name(path.name + DIGEST_SUFFIX))
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint on the CPU, verifying its digest when one was written beside it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    digest_file = path.with_name(path.name + DIGEST_SUFFIX)
+    if digest_file.is_file():
+        expected = digest_file.read_text().split()[0]
+        if _sha256(path) != expected:
+            raise CorruptCheckpointError(f"{path}: corrupt checkpoint (SHA-256 differs from {digest_file.name})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError depending on the damage
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CorruptCheckpointError(f"{path}: unreadable checkpoint ({first_line})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CorruptCheckpointError(f"{path}: not an msad checkpoint (no 'model' entry)")
+    return state
+
+
+def checkpoint_config(state: dict[str, Any], path: str | Path) -> Config:
+    """The config a checkpoint was trained with."""
+    if "config" not in state or "role" not in state:
+        raise UserError(f"{path}: not an msad training checkpoint (no config/role); convert original MSAD files "
+                        "with msad.models.convert first")
+    return config_from_dict(state["config"])
+
+
+def check_teacher_for_student(cfg: Config) -> Config:
+    """Fail before any worker starts if a student's teacher file is missing, not a teacher, or of another shape.
+
+    Returns the teacher's own config (needed to rebuild it).
+    """
+    path = Path(cfg.train.teacher_checkpoint or "")
+    if not cfg.train.teacher_checkpoint:
+        raise UserError("train.teacher_checkpoint: a student needs its trained teacher's checkpoint (got null)")
+    state = load_checkpoint(path)
+    teacher_cfg = checkpoint_config(state, path)
+    if state["role"] != "teacher":
+        raise UserError(f"{path}: train.teacher_checkpoint must be a teacher checkpoint, this one is a "
+                        f"{state['role']!r} checkpoint")
+    if teacher_cfg.model.width != cfg.model.width:
+        raise UserError(f"{path}: teacher width {teacher_cfg.model.width} differs from model.width "
+                        f"{cfg.model.width}; MSAD distils between equal widths (no projector)")
+    for key in ("width_list", "fpn_channels", "head_convs", "gn_groups", "num_classes"):
+        if getattr(teacher_cfg.model, key) != getattr(cfg.model, key):
+            raise UserError(f"{path}: teacher model.{key}={getattr(teacher_cfg.model, key)} differs from the "
+                            f"student's model.{key}={getattr(cfg.model, key)}")
+    return teacher_cfg
+
+
+def export_standalone_student(checkpoint: str | Path, output: str | Path) -> Path:
+    """Strip a student training checkpoint to what deployment needs: weights, config, width. No teacher."""
+    state = load_checkpoint(checkpoint)
+    cfg = checkpoint_config(state, checkpoint)
+    if state["role"] != "student":
+        raise UserError(f"{checkpoint}: export takes a student checkpoint, this one is a {state['role']!r} one")
+    output = Path(output)
+    if output.exists():
+        raise UserError(f"{output}: already exists; choose another --output (nothing was overwritten)")
+    standalone = {
+        "version": CHECKPOINT_VERSION,
+        "role": "student",
+        "kind": "standalone",
+        "width": state["width"],
+        "iteration": state["iteration"],
+        "config": cfg.to_dict(),
+        "model": state["model"],
+        "metrics": state.get("metrics", {}),
+    }
+    return save_checkpoint(standalone, output)

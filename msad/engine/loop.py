@@ -1,0 +1,375 @@
+"""The one training loop, for teachers, students and plain FCOS, run by every Ray Train worker.
+
+`train_loop_per_worker(config)` is what `TorchTrainer` calls; `run_training(cfg, ctx)` is the loop itself, written
+against a small `WorkerContext` so the same code also runs in one plain process (benchmarks, debugging).
+Roles differ only in the model object and in what the step feeds it: a student also gets the frozen teacher's
+fused features, computed outside DDP under inference mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from msad.build import (
+    DataPaths,
+    build_lr_scheduler,
+    build_model,
+    build_optimizer,
+    build_teacher,
+    build_train_dataset,
+    build_val_dataset,
+    iterations_per_epoch,
+)
+from msad.config import Config, config_from_dict
+from msad.data.coco import CocoDetection
+from msad.data.transforms import Batch, Collate
+from msad.engine.checkpoint import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_VERSION,
+    CorruptCheckpointError,
+    checkpoint_config,
+    load_checkpoint,
+    save_checkpoint,
+)
+from msad.engine.data import EpochSeededDataset, ResumableDistributedSampler, shard_indices
+from msad.engine.evaluate import coco_evaluate, to_coco_results
+from msad.models.student import (
+    KDWarmup,
+    MSADStudent,
+    check_teacher_matches,
+    init_from_teacher,
+    run_frozen_teacher,
+)
+from msad.models.teacher import MSADTeacher
+
+RESULTS_FILE = "coco_results.json"
+UNEVALUATED_SCORE = -1.0  # below any AP (0..1)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; raised before the optimizer step so no weight (or checkpoint) is spoiled."""
+
+
+class WorkerContext(Protocol):
+    """What the loop needs from its runtime (Ray Train worker, or one plain process)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare_model(self, model: nn.Module) -> nn.Module: ...
+
+    def prepare_loader(self, loader: DataLoader) -> DataLoader: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, iteration: int) -> None: ...
+
+    def restore_candidates(self) -> Iterator[Path]: ...
+
+
+@dataclass
+class TrainState:
+    """Everything that must survive a restart besides the weights."""
+
+    iteration: int = 0
+    best_ap: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # every report's numbers (the loss curve)
+    resumed_from: list[int] = field(default_factory=list)  # iterations this run restarted from (provenance)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP (DDP's own forward would try to sync gradients during evaluation)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg.train.amp == "off" or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _check_finite(losses: dict[str, Tensor], iteration: int) -> None:
+    values = torch.stack([v.detach().float() for v in losses.values()])
+    if not bool(torch.isfinite(values).all()):
+        bad = [f"{k}={v.item()}" for k, v in losses.items() if not math.isfinite(v.item())]
+        raise NonFiniteLossError(f"non-finite loss at iteration {iteration}: {', '.join(bad)}; lower train.base_lr "
+                                 "or enable train.grad_clip")
+
+
+def _mean_over_workers(sums: dict[str, Tensor], count: int, ctx: WorkerContext) -> dict[str, float]:
+    """Average logged loss terms over the window and over workers (one collective per report)."""
+    names = sorted(sums)
+    stacked = torch.stack([sums[n] for n in names]).to(ctx.device) / max(count, 1)
+    if ctx.world_size > 1:
+        dist.all_reduce(stacked)
+        stacked /= ctx.world_size
+    return dict(zip(names, stacked.tolist(), strict=True))
+
+
+def load_frozen_teacher(cfg: Config, device: torch.device) -> MSADTeacher:
+    """The trained teacher for a student run: eval mode, no gradients, outside DDP."""
+    path = Path(cfg.train.teacher_checkpoint or "")
+    state = load_checkpoint(path)
+    teacher = build_teacher(checkpoint_config(state, path))
+    teacher.load_state_dict(state["model"])
+    teacher.requires_grad_(False)
+    return teacher.eval().to(device)
+
+
+def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerContext,
+             output_json: Path | None = None, branch: str = "fused") -> dict[str, float]:
+    """COCO box AP of `model` on `dataset`; inference is split across workers and gathered on rank 0.
+
+    Every rank returns the same metrics (rank 0 broadcasts them).
+    """
+    module = unwrap(model)
+    was_training = module.training
+    module.eval()
+    shard = Subset(dataset, shard_indices(len(dataset), ctx.rank, ctx.world_size))
+    loader = DataLoader(shard, batch_size=cfg.train.batch_per_worker, shuffle=False,
+                        num_workers=cfg.data.num_workers, collate_fn=Collate(cfg.data.size_divisibility))
+    results: list[dict[str, Any]] = []
+    with torch.inference_mode(), _autocast(cfg, ctx.device):
+        for batch in loader:
+            batch = batch.to(ctx.device)
+            kwargs = {"branch": branch} if isinstance(module, MSADTeacher) else {}
+            detections = module.predict(batch.images, batch.image_sizes, **kwargs)
+            detections = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in d.items()}
+                          for d in detections]
+            results.extend(to_coco_results(detections, batch.targets, dataset.contiguous_to_category_id))
+    if ctx.world_size > 1:
+        gathered: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    metrics: list[Any] = [None]
+    if ctx.rank == 0:
+        metrics[0] = coco_evaluate(dataset.coco, results, image_ids=dataset.image_ids, output_json=output_json)
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(metrics, src=0)
+    module.train(was_training)
+    return metrics[0]
+
+
+def _restore(ctx: WorkerContext) -> tuple[dict[str, Any] | None, Path | None]:
+    """Newest readable checkpoint; a corrupt one is skipped with a warning naming it."""
+    for candidate in ctx.restore_candidates():
+        try:
+            return load_checkpoint(candidate), candidate
+        except CorruptCheckpointError as err:
+            warnings.warn(f"skipping corrupt checkpoint, using the previous one: {err}", stacklevel=2)
+    return None, None
+
+
+def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext,
+                 fail_once_at: tuple[int, Path] | None = None) -> TrainState:
+    """Train `cfg.train.role` for `cfg.train.iterations`, reporting metrics and checkpoints through `ctx`.
+
+    Args:
+        cfg: the run's validated config.
+        data_paths: dataset files (resolved once by the driver, so workers never generate data concurrently).
+        ctx: the runtime (rank, device, DDP and data-loader preparation, reporting, restore candidates).
+        fail_once_at: (iteration, marker file): raise once at that iteration if the marker does not exist yet.
+            Fault injection for testing restarts; never set by the CLI.
+    """
+    t = cfg.train
+    torch.manual_seed(t.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    train_set = build_train_dataset(cfg, data_paths)
+    val_set = build_val_dataset(cfg, data_paths)
+
+    model = build_model(cfg)
+    teacher = load_frozen_teacher(cfg, ctx.device) if t.role == "student" else None
+    if teacher is not None:
+        check_teacher_matches(model, teacher)
+    checkpoint, checkpoint_path = _restore(ctx)
+    if checkpoint is None and teacher is not None and t.init_from_teacher:
+        init_from_teacher(model, teacher.state_dict(), teacher.width)
+    if ctx.device.type == "cuda" and ctx.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # per-GPU batches are small; CPU/gloo keeps BN
+    model = ctx.prepare_model(model)
+    optimizer = build_optimizer(cfg, unwrap(model))
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    kd_warmup = KDWarmup(t.kd_alpha, t.kd_warmup_iters)
+    scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and ctx.device.type == "cuda")
+    state = TrainState()
+    if checkpoint is not None:
+        unwrap(model).load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        kd_warmup.load_state_dict(checkpoint["kd_warmup"])
+        state = TrainState(checkpoint["iteration"], checkpoint["best_ap"], list(checkpoint["history"]),
+                           [*checkpoint["resumed_from"], checkpoint["iteration"]])
+        if ctx.rank == 0:
+            print(f"resumed from {checkpoint_path} at iteration {state.iteration}", flush=True)
+
+    seeded = EpochSeededDataset(train_set, t.seed)
+    sampler = ResumableDistributedSampler(seeded, ctx.world_size, ctx.rank, seed=t.seed)
+    loader = ctx.prepare_loader(DataLoader(
+        seeded, batch_size=t.batch_per_worker, sampler=sampler, num_workers=cfg.data.num_workers,
+        collate_fn=Collate(cfg.data.size_divisibility), drop_last=True, pin_memory=ctx.device.type == "cuda"))
+    per_epoch = iterations_per_epoch(len(train_set), t.batch_per_worker, ctx.world_size)
+
+    model.train()
+    sums: dict[str, Tensor] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    while state.iteration < t.iterations:
+        epoch, offset = divmod(state.iteration, per_epoch)
+        seeded.epoch = epoch
+        sampler.set_epoch(epoch)
+        sampler.set_start(offset * t.batch_per_worker)
+        for batch in loader:
+            if state.iteration >= t.iterations:
+                break
+            if fail_once_at is not None and state.iteration == fail_once_at[0] and not fail_once_at[1].exists():
+                fail_once_at[1].touch()
+                raise RuntimeError(f"injected failure at iteration {state.iteration}")
+            losses = _step(model, teacher, batch.to(ctx.device), kd_warmup, cfg, ctx, optimizer, scaler,
+                           state.iteration)
+            scheduler.step()
+            kd_warmup.step()
+            state.iteration += 1
+            window_steps += 1
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+
+            is_last = state.iteration == t.iterations
+            save_now = state.iteration % t.checkpoint_period == 0 or is_last
+            if state.iteration % t.log_period == 0 or save_now:
+                elapsed = time.perf_counter() - window_start
+                metrics = _mean_over_workers(sums, window_steps, ctx)
+                metrics["loss_total"] = sum(metrics.values())
+                metrics.update(iteration=state.iteration, epoch=epoch, lr=optimizer.param_groups[0]["lr"],
+                               kd_weight=kd_warmup.weight if t.role == "student" else 0.0,
+                               images_per_sec_per_worker=window_steps * t.batch_per_worker / max(elapsed, 1e-9))
+                _report(metrics, save_now, is_last, model, optimizer, scheduler, kd_warmup, state, val_set, cfg, ctx)
+                sums, window_start, window_steps = {}, time.perf_counter(), 0
+    return state
+
+
+def _step(model: nn.Module, teacher: MSADTeacher | None, batch: Batch, kd_warmup: KDWarmup, cfg: Config,
+          ctx: WorkerContext, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+          iteration: int) -> dict[str, Tensor]:
+    with _autocast(cfg, ctx.device):
+        if isinstance(unwrap(model), MSADStudent):
+            use_teacher = teacher is not None and kd_warmup.weight > 0
+            teacher_features = run_frozen_teacher(teacher, batch.images) if use_teacher else None
+            losses = model(batch.images, batch.targets, teacher_features=teacher_features,
+                           kd_weight=kd_warmup.weight)
+        else:
+            losses = model(batch.images, batch.targets)
+    _check_finite(losses, iteration)
+    total = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if cfg.train.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), cfg.train.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return losses
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float | int]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _report(metrics: dict[str, Any], save_now: bool, is_last: bool, model: nn.Module,
+            optimizer: torch.optim.Optimizer, scheduler: Any, kd_warmup: KDWarmup, state: TrainState,
+            val_set: CocoDetection, cfg: Config, ctx: WorkerContext) -> None:
+    """Report metrics; at checkpoint iterations also evaluate (when due) and hand a checkpoint to the runtime."""
+    t = cfg.train
+    if not save_now:
+        state.history.append(_numbers(metrics))
+        ctx.report(metrics, None, state.iteration)
+        return
+    due = is_last or (t.eval_period > 0 and state.iteration % t.eval_period == 0)
+    with tempfile.TemporaryDirectory(prefix="msad-ckpt-") as tmp:
+        out = Path(tmp)
+        if due:
+            ap = evaluate(model, val_set, cfg, ctx, output_json=out / RESULTS_FILE if ctx.rank == 0 else None)
+            metrics.update(ap)
+            state.best_ap = max(state.best_ap, ap["AP"])
+        # Ray keeps the best checkpoints by this score plus always the latest; unevaluated ones rank last. Not NaN:
+        # Ray's resume reads scores back from JSON, where NaN turns into null and breaks its ordering.
+        metrics["checkpoint_score"] = metrics["AP"] if due else UNEVALUATED_SCORE
+        state.history.append(_numbers(metrics))
+        if ctx.rank == 0:
+            save_checkpoint({
+                "version": CHECKPOINT_VERSION, "kind": "training", "role": t.role, "width": cfg.model.width,
+                "iteration": state.iteration, "best_ap": state.best_ap, "config": cfg.to_dict(),
+                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "kd_warmup": kd_warmup.state_dict(),
+                "metrics": _numbers(metrics),
+                "history": state.history, "resumed_from": state.resumed_from,
+            }, out / CHECKPOINT_FILE)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        ctx.report(metrics, out if ctx.rank == 0 else None, state.iteration)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ray Train runtime
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RayWorkerContext:
+    """WorkerContext of a Ray Train worker: DDP/loader preparation and reporting through ray.train."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self._train = ray.train
+        self._torch = ray.train.torch
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        # only parameters that require grad are registered by DDP: the frozen teacher is not passed here at all
+        return self._torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+
+    def prepare_loader(self, loader: DataLoader) -> DataLoader:
+        # our sampler is already a DistributedSampler, so Ray keeps it; Batch moves itself to the device
+        return self._torch.prepare_data_loader(loader, move_to_device=False)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, iteration: int) -> None:
+        checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        self._train.report(metrics, checkpoint=checkpoint,
+                           checkpoint_dir_name=f"checkpoint_{iteration:07d}" if checkpoint else None)
+
+    def restore_candidates(self) -> Iterator[Path]:
+        latest = self._train.get_checkpoint()
+        if latest is None:
+            return
+        reported = [r.checkpoint for r in self._train.get_all_reported_checkpoints()]
+        ordered = sorted({c.path: c for c in [latest, *reported]}.values(), key=lambda c: c.path, reverse=True)
+        for ckpt in ordered:  # names are checkpoint_<iteration>: newest first
+            with ckpt.as_directory() as directory:
+                yield Path(directory) / CHECKPOINT_FILE
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point for `TorchTrainer(train_loop_per_worker, train_loop_config=...)`.
+
+    Args:
+        config: {"config": Config as a dict, "data_paths": DataPaths fields as strings,
+                 "fail_once_at": optional [iteration, marker path] for fault-injection tests}.
+    """
+    cfg = config_from_dict(config["config"])
+    paths = DataPaths(**{k: Path(v) for k, v in config["data_paths"].items()})
+    fail = config.get("fail_once_at")
+    run_training(cfg, paths, RayWorkerContext(), (int(fail[0]), Path(fail[1])) if fail else None)

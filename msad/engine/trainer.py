@@ -1,0 +1,214 @@
+"""Driver side of one training run: checks, Ray start-up, `TorchTrainer` set-up, results, evaluation of a file.
+
+Everything that can be checked before workers start is checked here (config, teacher file, dataset files), so a
+mistake costs one line and no cluster time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from msad.build import DataPaths, build_model, build_val_dataset, check_num_classes, resolve_data_paths
+from msad.config import Config, check_ready_to_train, config_from_dict, save_config
+from msad.engine.checkpoint import CHECKPOINT_FILE, check_teacher_for_student, checkpoint_config, load_checkpoint
+from msad.errors import UserError
+
+CONFIG_FILE = "config.yaml"
+FINAL_METRICS_FILE = "final_metrics.json"
+
+
+class RunFailedError(Exception):
+    """A run that started but did not finish; the message is one line saying why, `details` the tracebacks."""
+
+    details: str = ""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    checkpoint: Path | None  # latest
+    best_checkpoint: Path | None  # best by AP
+
+    def summary(self) -> dict[str, Any]:
+        keys = ("iteration", "AP", "AP50", "AP75", "APs", "APm", "APl", "loss_total")
+        return {"run_dir": str(self.run_dir), "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+                "best_checkpoint": str(self.best_checkpoint) if self.best_checkpoint else None,
+                **{k: self.metrics[k] for k in keys if k in self.metrics}}
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to `address`, or start a local Ray bound to localhost (no dashboard) when none is given."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False)
+
+
+def prepare_run(cfg: Config) -> tuple[DataPaths, Path]:
+    """Validate everything a run needs on the driver; returns the data paths and the run directory."""
+    check_ready_to_train(cfg)
+    if cfg.train.role == "student":
+        check_teacher_for_student(cfg)
+    paths = resolve_data_paths(cfg.data)
+    check_num_classes(cfg, build_val_dataset(cfg, paths))
+    storage = Path(cfg.distributed.storage_path).expanduser().resolve()
+    run_dir = storage / cfg.distributed.run_name
+    saved = run_dir / CONFIG_FILE
+    if saved.is_file():
+        previous = config_from_dict(yaml.safe_load(saved.read_text()))
+        changed = _changed_keys(previous.to_dict(), cfg.to_dict())
+        if changed:
+            raise UserError(f"distributed.run_name: run {run_dir} exists with another config ({changed[0]}); "
+                            "re-run with the same config to resume it, or choose a new distributed.run_name")
+    save_config(cfg, saved)
+    return paths, run_dir
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changed
+
+
+def _worker_error_line(err: BaseException) -> str:
+    """The failing worker's own exception line out of Ray's wrapped error text (rank 0's snippet first)."""
+    text = str(err)
+    snippets = re.split(r"\[Rank (\d+) Error Snippet\]:", text)
+    by_rank = {int(snippets[i]): snippets[i + 1] for i in range(1, len(snippets) - 1, 2)}
+    for rank in sorted(by_rank):
+        lines = [line.strip() for line in by_rank[rank].splitlines() if line.strip()]
+        if lines:
+            return f"rank {rank}: {lines[-1]}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def fit(cfg: Config, address: str | None = None, resume: bool = False,
+        fail_once_at: tuple[int, Path] | None = None) -> RunResult:
+    """Run one training with Ray Train. Re-running the same run_name (same config) resumes from its checkpoints.
+
+    Args:
+        cfg: validated config.
+        address: Ray cluster address; None starts a local Ray.
+        resume: accepted for symmetry with sweeps; an existing run is always continued.
+        fail_once_at: fault injection for tests (see msad.engine.loop.run_training).
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from msad.engine.loop import UNEVALUATED_SCORE, train_loop_per_worker
+
+    paths, run_dir = prepare_run(cfg)
+    init_ray(address)
+    d = cfg.distributed
+    resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "data_paths": {k: str(v) for k, v in asdict(paths).items()},
+                           "fail_once_at": [fail_once_at[0], str(fail_once_at[1])] if fail_once_at else None},
+        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=d.run_name,
+            storage_path=str(run_dir.parent),
+            failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                                         checkpoint_score_attribute="checkpoint_score",
+                                                         checkpoint_score_order="max"),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        failure = RunFailedError(f"run {run_dir} failed: {_worker_error_line(err)}")
+        failure.details = str(err)  # the full worker tracebacks, for logs
+        raise failure from None
+    latest = Path(result.checkpoint.path) / CHECKPOINT_FILE if result.checkpoint else None
+    evaluated = [(m["checkpoint_score"], m["iteration"], c) for c, m in (result.best_checkpoints or [])
+                 if m.get("checkpoint_score", UNEVALUATED_SCORE) > UNEVALUATED_SCORE]
+    best = Path(max(evaluated, key=lambda e: e[:2])[2].path) / CHECKPOINT_FILE if evaluated else latest  # ties: newest
+    metrics = dict(result.metrics or {})
+    (run_dir / FINAL_METRICS_FILE).write_text(json.dumps(
+        {**metrics, "checkpoint": str(latest), "best_checkpoint": str(best)}, indent=2, default=str))
+    return RunResult(run_dir, metrics, latest, best)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation of a checkpoint file (teacher, student, standalone student or plain FCOS)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LocalContext:
+    """WorkerContext of a single process (no Ray): used for `eval` and by benchmarks to run the plain loop."""
+
+    def __init__(self, device: torch.device | None = None, run_dir: Path | None = None) -> None:
+        self.rank, self.world_size = 0, 1
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.run_dir = run_dir
+        self.reports: list[dict[str, Any]] = []
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def prepare_loader(self, loader: Any) -> Any:
+        return loader
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, iteration: int) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None and self.run_dir is not None:
+            import shutil
+
+            shutil.copytree(checkpoint_dir, self.run_dir / f"checkpoint_{iteration:07d}", dirs_exist_ok=True)
+
+    def restore_candidates(self) -> Iterator[Path]:
+        if self.run_dir is None:
+            return iter(())
+        return iter(sorted(self.run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True))
+
+
+def evaluate_checkpoint(cfg: Config, weights: Path, output_dir: Path, branch: str = "fused") -> dict[str, float]:
+    """COCO AP of a checkpoint on the val set of `cfg`'s data, in this process (GPU when there is one).
+
+    The model is rebuilt from the checkpoint's own config (role, width, channels); `cfg` supplies the data.
+    A student (or standalone student) is evaluated with no teacher in memory.
+    """
+    from msad.engine.loop import evaluate
+
+    state = load_checkpoint(weights)
+    model_cfg = checkpoint_config(state, weights)
+    run_cfg = config_from_dict({**model_cfg.to_dict(), "data": cfg.to_dict()["data"]})
+    paths = resolve_data_paths(run_cfg.data)
+    val_set = build_val_dataset(run_cfg, paths)
+    check_num_classes(run_cfg, val_set)
+    model = build_model(run_cfg)
+    model.load_state_dict(state["model"])
+    ctx = LocalContext()
+    model.to(ctx.device)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics = evaluate(model, val_set, run_cfg, ctx, output_json=output_dir / "coco_results.json", branch=branch)
+    metrics = {**metrics, "role": state["role"], "width": state["width"], "iteration": state["iteration"],
+               "branch": branch if state["role"] == "teacher" else "student"}
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
