@@ -229,28 +229,43 @@ def _describe_type(tp: Any) -> str:
     if origin is list:
         (inner,) = get_args(tp)
         return f"a list of {_describe_type(inner)}"
+    if origin is dict:
+        return "a mapping"
     if tp is type(None):
         return "null"
     names = {float: "a number", int: "an integer", bool: "true/false", str: "a string"}
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
     """Check `value` against the annotation `tp`; ints widen to floats, nothing else is converted silently."""
     origin = get_origin(tp)
+    if tp is Any:
+        return value
     if origin in (Union, types.UnionType):
-        for option in get_args(tp):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        real = [o for o in options if o is not type(None)]
+        if len(real) == 1:  # `X | None`: X's own, more precise message (unknown nested key, ...)
+            return _coerce(value, real[0], key, root)
+        for option in real:
             try:
-                return _coerce(value, option, key)
+                return _coerce(value, option, key, root)
             except UserError:
                 continue
+    elif origin is dict:
+        if isinstance(value, dict):
+            key_type, value_type = get_args(tp)
+            return {str(k) if key_type is str else k: _coerce(v, value_type, f"{key}.{k}", root)
+                    for k, v in value.items()}
     elif origin is Literal:
         if value in get_args(tp) and not isinstance(value, bool):
             return value
     elif origin is list:
         if isinstance(value, list):
             (inner,) = get_args(tp)
-            return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+            return [_coerce(v, inner, f"{key}[{i}]", root) for i, v in enumerate(value)]
     elif tp is type(None):
         if value is None:
             return None
@@ -268,19 +283,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
-            return _build_section(tp, value, key)
+            return build_typed(tp, value, key, root)
     raise UserError(f"{key}: invalid value {value!r}; expected {_describe_type(tp)}")
 
 
-def _build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
+def build_typed(cls: type, values: dict[str, Any], prefix: str = "", root: type | None = None) -> Any:
+    """Build dataclass `cls` from a plain dict, checking every key and type (one-line UserError otherwise).
+
+    Args:
+        cls: the dataclass to build.
+        values: its fields as read from YAML.
+        prefix: dotted path of `values` inside the whole document, for messages.
+        root: the document's top dataclass, searched for a key given in the wrong section (default `cls`).
+    """
+    root = root or cls
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
-            raise UserError(f"unknown key {full}{_suggest(str(key), names, prefix)}")
-        kwargs[key] = _coerce(value, hints[key], full)
+            raise UserError(f"unknown key {full}{_suggest(str(key), names, prefix, root)}")
+        kwargs[key] = _coerce(value, hints[key], full, root)
     return cls(**kwargs)
 
 
@@ -295,12 +319,12 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _suggest(key: str, names: list[str], prefix: str) -> str:
+def _suggest(key: str, names: list[str], prefix: str, root: type) -> str:
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     if close:
         return f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)"
     # a key put in the wrong section: look for it anywhere in the tree
-    elsewhere = [k for k in _all_keys(Config) if k.rsplit(".", 1)[-1] == key]
+    elsewhere = [k for k in _all_keys(root) if k.rsplit(".", 1)[-1] == key]
     if elsewhere:
         return f" (did you mean {elsewhere[0]}?)"
     return f"; valid keys here: {', '.join(names)}"
@@ -381,7 +405,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a Config from a plain (merged) dict."""
     if not isinstance(data, dict):
         raise UserError(f"config: expected a mapping of sections, got {type(data).__name__}")
-    return validate(_build_section(Config, data, ""))
+    return validate(build_typed(Config, data))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -89,6 +89,11 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # every report's numbers (the loss curve)
     resumed_from: list[int] = field(default_factory=list)  # iterations this run restarted from (provenance)
 
+    @property
+    def latest_ap(self) -> float | None:
+        """AP of the most recent evaluation (progress tables show it between evaluations)."""
+        return next((h["AP"] for h in reversed(self.history) if "AP" in h), None)
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP (DDP's own forward would try to sync gradients during evaluation)."""
@@ -254,6 +259,8 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext,
                 metrics.update(iteration=state.iteration, epoch=epoch, lr=optimizer.param_groups[0]["lr"],
                                kd_weight=kd_warmup.weight if t.role == "student" else 0.0,
                                images_per_sec_per_worker=window_steps * t.batch_per_worker / max(elapsed, 1e-9))
+                if state.latest_ap is not None:
+                    metrics["latest_AP"] = state.latest_ap
                 _report(metrics, save_now, is_last, model, optimizer, scheduler, kd_warmup, state, val_set, cfg, ctx)
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
     return state
@@ -300,7 +307,7 @@ def _report(metrics: dict[str, Any], save_now: bool, is_last: bool, model: nn.Mo
         out = Path(tmp)
         if due:
             ap = evaluate(model, val_set, cfg, ctx, output_json=out / RESULTS_FILE if ctx.rank == 0 else None)
-            metrics.update(ap)
+            metrics.update(ap, latest_AP=ap["AP"])
             state.best_ap = max(state.best_ap, ap["AP"])
         # Ray keeps the best checkpoints by this score plus always the latest; unevaluated ones rank last. Not NaN:
         # Ray's resume reads scores back from JSON, where NaN turns into null and breaks its ordering.

@@ -104,7 +104,7 @@ def _worker_error_line(err: BaseException) -> str:
 
 
 def fit(cfg: Config, address: str | None = None, resume: bool = False,
-        fail_once_at: tuple[int, Path] | None = None) -> RunResult:
+        fail_once_at: tuple[int, Path] | None = None, callbacks: list[Any] | None = None) -> RunResult:
     """Run one training with Ray Train. Re-running the same run_name (same config) resumes from its checkpoints.
 
     Args:
@@ -112,6 +112,7 @@ def fit(cfg: Config, address: str | None = None, resume: bool = False,
         address: Ray cluster address; None starts a local Ray.
         resume: accepted for symmetry with sweeps; an existing run is always continued.
         fail_once_at: fault injection for tests (see msad.engine.loop.run_training).
+        callbacks: Ray Train callbacks (a sweep passes Tune's TuneReportCallback).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -132,6 +133,7 @@ def fit(cfg: Config, address: str | None = None, resume: bool = False,
         run_config=ray.train.RunConfig(
             name=d.run_name,
             storage_path=str(run_dir.parent),
+            callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                          checkpoint_score_attribute="checkpoint_score",

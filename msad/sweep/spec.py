@@ -1,0 +1,235 @@
+"""Sweep YAML -> a fixed, ordered list of trials (teachers, then students), each with its complete config.
+
+Grids are expanded and samples drawn here, once, from the spec's seed: the list of trials is a pure function of
+the file, so a resumed sweep sees exactly the same trials. Each trial carries everything it needs (its whole msad
+config), and a student names the teacher width it depends on; the runner fills in the checkpoint path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from msad.config import (
+    Config,
+    build_typed,
+    config_from_dict,
+    deep_merge,
+    load_yaml_with_bases,
+    parse_overrides,
+    read_yaml,
+)
+from msad.errors import UserError
+
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+RUNS_DIR = "runs"
+
+
+@dataclass
+class StageSpec:
+    config: dict[str, Any] = field(default_factory=dict)  # nested overrides for every trial of this stage
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # dotted key -> values; every combination runs
+    variants: list[dict[str, Any]] = field(default_factory=list)  # sets of dotted keys that change together
+    sample: dict[str, dict[str, list[Any]]] = field(default_factory=dict)  # dotted key -> {uniform: [a, b]} etc.
+    num_samples: int = 1  # draws of `sample` per grid point
+    teacher_checkpoints: dict[str, str] = field(default_factory=dict)  # students only: width -> teacher file
+
+
+@dataclass
+class SchedulerSpec:
+    type: Literal["fifo", "asha"] = "fifo"
+    metric: str = "AP"  # reported at evaluations; ASHA compares students by it
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = 100  # iterations before ASHA may stop a student
+    reduction_factor: float = 2.0
+    time_attr: str = "iteration"
+
+
+@dataclass
+class SweepFile:
+    name: str = "sweep"  # experiment name: folder, W&B group
+    base: str | None = None  # config file every trial starts from (relative to the sweep file)
+    config: dict[str, Any] = field(default_factory=dict)  # nested overrides for every trial
+    teachers: StageSpec | None = None
+    students: StageSpec | None = None
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    max_concurrent_trials: int = 2
+    trial_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 0.0})  # the trial driver itself
+    storage_path: str = "./runs"  # experiments live in storage_path/name
+    seed: int = 0  # for sampled values
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial: its name, role, the values shown in progress tables, and its full config."""
+
+    name: str
+    role: str
+    width: float
+    h_short_side: int
+    kd_alpha: float
+    kd_temperature: float
+    config: dict[str, Any]
+    teacher_checkpoint: str | None = None  # given by the spec (students-only sweeps); else filled in by the runner
+
+    def tune_config(self) -> dict[str, Any]:
+        """What Tune stores for the trial: flat values for tables and callbacks, and the msad config."""
+        return {"trial_name": self.name, "role": self.role, "width": self.width, "h_short_side": self.h_short_side,
+                "kd_alpha": self.kd_alpha, "kd_temperature": self.kd_temperature, "msad": self.config,
+                "dependency_error": None}
+
+
+@dataclass
+class Sweep:
+    spec_path: Path
+    spec: SweepFile
+    base: Config
+    teachers: list[TrialSpec]
+    students: list[TrialSpec]
+
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.spec.storage_path).expanduser().resolve() / self.spec.name
+
+
+def _draw(key: str, dist: dict[str, list[Any]], rng: random.Random, where: str) -> Any:
+    if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+        raise UserError(f"{where}.{key}: expected one of {{{', '.join(DISTRIBUTIONS)}: [...]}}, got {dist!r}")
+    kind, args = next(iter(dist.items()))
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise UserError(f"{where}.{key}.choice: expected a non-empty list, got {args!r}")
+        return rng.choice(args)
+    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)
+            and args[0] < args[1]):
+        raise UserError(f"{where}.{key}.{kind}: expected [low, high] with low < high, got {args!r}")
+    low, high = args
+    if kind == "uniform":
+        return rng.uniform(low, high)
+    if kind == "randint":
+        return rng.randint(int(low), int(high))
+    if low <= 0:
+        raise UserError(f"{where}.{key}.loguniform: bounds must be > 0, got {args!r}")
+    import math
+
+    return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+
+def _expand(stage: StageSpec, where: str, rng: random.Random) -> list[dict[str, Any]]:
+    """Grid x samples -> list of dotted-key override dicts."""
+    for key, values in stage.grid.items():
+        if not values:
+            raise UserError(f"{where}.grid.{key}: expected a non-empty list of values")
+    if stage.num_samples < 1:
+        raise UserError(f"{where}.num_samples: invalid value {stage.num_samples}; allowed: an integer >= 1")
+    keys = list(stage.grid)
+    points = []
+    for variant in stage.variants or [{}]:
+        for combo in itertools.product(*(stage.grid[k] for k in keys)):
+            for _ in range(stage.num_samples if stage.sample else 1):
+                point = {**variant, **dict(zip(keys, combo, strict=True))}
+                point.update({k: _draw(k, d, rng, f"{where}.sample") for k, d in stage.sample.items()})
+                points.append(point)
+    return points
+
+
+def _trial_config(base: dict[str, Any], stage: StageSpec, point: dict[str, Any], role: str,
+                  where: str) -> Config:
+    data = deep_merge(base, stage.config)
+    data = deep_merge(data, parse_overrides([f"{k}={_yaml_scalar(v)}" for k, v in point.items()]))
+    data = deep_merge(data, {"train": {"role": role}})
+    try:
+        return config_from_dict(data)
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+
+
+def _yaml_scalar(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _name(role: str, cfg: Config, taken: set[str]) -> str:
+    h = cfg.data.test_short_side
+    if role == "student":
+        name = f"student-w{cfg.model.width:g}-l{h // 2}-kd{cfg.train.kd_alpha:g}-t{cfg.train.kd_temperature:g}"
+    else:
+        name = f"{role}-w{cfg.model.width:g}-h{h}"
+    unique, n = name, 2
+    while unique in taken:
+        unique, n = f"{name}-{n}", n + 1
+    taken.add(unique)
+    return unique
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+    """Parse and validate a sweep file; every trial's config is built and validated now, before Ray starts."""
+    path = Path(path)
+    raw = read_yaml(path)
+    spec: SweepFile = build_typed(SweepFile, raw)
+    where = str(path)
+    if spec.teachers is None and spec.students is None:
+        raise UserError(f"{where}: a sweep needs a teachers or a students section (or both)")
+    if spec.max_concurrent_trials < 1:
+        raise UserError(f"{where}: max_concurrent_trials: invalid value {spec.max_concurrent_trials}; allowed: >= 1")
+    if not spec.name or "/" in spec.name:
+        raise UserError(f"{where}: name: invalid value {spec.name!r}; allowed: a non-empty name without '/'")
+    base_dict = load_yaml_with_bases(path.parent / spec.base) if spec.base else {}
+    base_dict = deep_merge(deep_merge(base_dict, spec.config), parse_overrides(overrides or []))
+    try:
+        base = config_from_dict(base_dict)
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+
+    runs_dir = Path(spec.storage_path).expanduser().resolve() / spec.name / RUNS_DIR
+    rng = random.Random(spec.seed)
+    taken: set[str] = set()
+    teachers: list[TrialSpec] = []
+    if spec.teachers is not None:
+        for point in _expand(spec.teachers, f"{where}: teachers", rng):
+            cfg = _trial_config(base_dict, spec.teachers, point, "teacher", f"{where}: teachers")
+            teachers.append(_trial(cfg, "teacher", taken, None, runs_dir))
+    students: list[TrialSpec] = []
+    if spec.students is not None:
+        given = _given_teachers(spec.students, where)
+        for point in _expand(spec.students, f"{where}: students", rng):
+            cfg = _trial_config(base_dict, spec.students, point, "student", f"{where}: students")
+            width = cfg.model.width
+            if width not in given and not any(t.width == width for t in teachers):
+                raise UserError(f"{where}: students at width {width:g} have no teacher: add that width to teachers "
+                                f"or name a file in students.teacher_checkpoints")
+            students.append(_trial(cfg, "student", taken, given.get(width), runs_dir))
+    if spec.scheduler.type == "asha" and spec.scheduler.grace_period < 1:
+        raise UserError(f"{where}: scheduler.grace_period: invalid value {spec.scheduler.grace_period}; allowed: >= 1")
+    return Sweep(path, spec, base, teachers, students)
+
+
+def _given_teachers(stage: StageSpec, where: str) -> dict[float, str]:
+    given = {}
+    for width, file in stage.teacher_checkpoints.items():
+        try:
+            given[float(width)] = str(Path(file).expanduser())
+        except ValueError:
+            raise UserError(f"{where}: students.teacher_checkpoints: key {width!r} is not a width") from None
+        if not Path(file).expanduser().is_file():
+            raise UserError(f"{where}: students.teacher_checkpoints.{width}: file {file} not found")
+    return given
+
+
+def _trial(cfg: Config, role: str, taken: set[str], teacher_checkpoint: str | None, runs_dir: Path) -> TrialSpec:
+    """A trial's spec; its Train run lives in EXPERIMENT_DIR/runs/<trial name> (re-running it resumes it)."""
+    data = cfg.to_dict()
+    name = _name(role, cfg, taken)
+    data["distributed"]["run_name"] = name
+    data["distributed"]["storage_path"] = str(runs_dir)
+    if teacher_checkpoint:
+        data["train"]["teacher_checkpoint"] = teacher_checkpoint
+    is_student = role == "student"
+    return TrialSpec(name=name, role=role, width=cfg.model.width, h_short_side=cfg.data.test_short_side,
+                     kd_alpha=cfg.train.kd_alpha if is_student else 0.0,
+                     kd_temperature=cfg.train.kd_temperature if is_student else 0.0, config=data,
+                     teacher_checkpoint=teacher_checkpoint)

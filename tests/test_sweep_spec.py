@@ -1,0 +1,111 @@
+"""Sweep files: expansion of grids, variants and samples; validation messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from msad.errors import UserError
+from msad.sweep.spec import load_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp: Path, text: str) -> Path:
+    (tmp / "base.yaml").write_text("model:\n  num_classes: 6\n  fpn_channels: 32\n")
+    path = tmp / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["quickstart", "paper", "kd_weights", "resolutions"])
+def test_shipped_sweeps_load(name: str) -> None:
+    sweep = load_sweep(REPO / "sweeps" / f"{name}.yaml")
+    names = [t.name for t in sweep.teachers + sweep.students]
+    assert len(names) == len(set(names))
+    assert all(t.role == "teacher" for t in sweep.teachers) and all(s.role == "student" for s in sweep.students)
+    teacher_widths = {t.width for t in sweep.teachers}
+    assert all(s.width in teacher_widths for s in sweep.students)
+
+
+def test_quickstart_shows_kd_off_and_on() -> None:
+    sweep = load_sweep(REPO / "sweeps" / "quickstart.yaml")
+    assert [s.kd_alpha for s in sweep.students] == [0.0, 0.2]
+    assert [s.name for s in sweep.students] == ["student-w0.25-l128-kd0-t3", "student-w0.25-l128-kd0.2-t3"]
+
+
+def test_grid_variants_samples_expand_deterministically(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+name: t
+base: base.yaml
+seed: 7
+teachers:
+  grid: {model.width: [0.25, 0.5]}
+  config: {train: {iterations: 40, lr_steps: [30]}}
+students:
+  config: {train: {iterations: 20, lr_steps: [10]}}
+  grid: {model.width: [0.25], train.kd_alpha: [0.1, 0.2]}
+  variants:
+    - {data.test_short_side: 192, data.train_short_sides: [192]}
+    - {data.test_short_side: 256, data.train_short_sides: [256]}
+  sample: {train.kd_temperature: {loguniform: [1, 8]}, train.base_lr: {choice: [0.01, 0.02]}}
+  num_samples: 2
+""")
+    sweep = load_sweep(path)
+    assert [(t.width, t.config["train"]["iterations"]) for t in sweep.teachers] == [(0.25, 40), (0.5, 40)]
+    assert len(sweep.students) == 2 * 2 * 2  # variants x grid x samples
+    assert {s.h_short_side for s in sweep.students} == {192, 256}
+    temps = [s.kd_temperature for s in sweep.students]
+    assert all(1 <= t <= 8 for t in temps) and len(set(temps)) == len(temps)
+    assert all(s.config["train"]["iterations"] == 20 and s.config["model"]["num_classes"] == 6
+               for s in sweep.students)
+    again = load_sweep(path)
+    assert [s.config for s in again.students] == [s.config for s in sweep.students]  # same seed, same trials
+    runs = {s.config["distributed"]["storage_path"] for s in sweep.students}
+    assert runs == {str(Path("runs").resolve() / "t" / "runs")}  # storage_path ./runs, experiment t
+    assert all(s.config["distributed"]["run_name"] == s.name for s in sweep.students)
+
+
+def test_overrides_apply_to_every_trial(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: t\nbase: base.yaml\nteachers:\n  grid: {model.width: [0.25]}\n")
+    sweep = load_sweep(path, ["train.seed=5"])
+    assert sweep.teachers[0].config["train"]["seed"] == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: t\nstudnets: {}\n", "unknown key studnets (did you mean students?)"),
+        ("name: t\nteachers:\n  gird: {}\n", "unknown key teachers.gird (did you mean teachers.grid?)"),
+        ("name: t\nteachers:\n  grid: {train.kd_alhpa: [0.1]}\n",
+         "teachers: unknown key train.kd_alhpa (did you mean train.kd_alpha?)"),
+        ("name: t\nteachers:\n  grid: {model.width: [0.3]}\n", "model.width: invalid value 0.3"),
+        ("name: t\nteachers:\n  grid: {model.width: []}\n", "teachers.grid.model.width: expected a non-empty list"),
+        ("name: t\nteachers:\n  grid: {model.width: [0.25]}\n  sample: {train.base_lr: {loguniform: [0, 1]}}\n",
+         "train.base_lr.loguniform: bounds must be > 0"),
+        ("name: t\nteachers:\n  grid: {model.width: [0.25]}\n  sample: {train.base_lr: {normal: [0, 1]}}\n",
+         "expected one of {choice, uniform, loguniform, randint: [...]}"),
+        ("name: t\nstudents:\n  grid: {model.width: [0.5]}\n",
+         "students at width 0.5 have no teacher: add that width to teachers"),
+        ("name: t\nstudents:\n  teacher_checkpoints: {0.25: /no/such/teacher.pt}\n",
+         "students.teacher_checkpoints.0.25: file /no/such/teacher.pt not found"),
+        ("name: t\n", "a sweep needs a teachers or a students section"),
+        ("name: t\nscheduler: {type: hyperband}\nteachers: {}\n", "scheduler.type: invalid value 'hyperband'"),
+        ("name: t\nmax_concurrent_trials: 0\nteachers: {}\n", "max_concurrent_trials: invalid value 0"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as info:
+        load_sweep(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_students_only_sweep_uses_given_teacher(tmp_path: Path) -> None:
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"x")
+    path = write(tmp_path, f"name: t\nstudents:\n  grid: {{train.kd_alpha: [0.1]}}\n"
+                           f"  teacher_checkpoints: {{0.25: {teacher}}}\n")
+    sweep = load_sweep(path)
+    assert sweep.teachers == [] and sweep.students[0].config["train"]["teacher_checkpoint"] == str(teacher)
