@@ -96,7 +96,7 @@ def _route_bare_spec(argv: list[str]) -> list[str]:
 
 def _existing_file(path: str, what: str) -> Path:
     p = Path(path)
-    if not p.is_file():
+    if "://" not in path and not p.is_file():  # storage URIs are checked when read
         raise UserError(f"{path}: {what} not found")
     return p
 
@@ -117,10 +117,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from msad.config import load_config
 
     cfg = load_config(_existing_file(args.config, "config file"), args.overrides)
-    weights = _existing_file(args.weights, "checkpoint")
+    weights = args.weights
+    _existing_file(weights, "checkpoint")
     from msad.engine.trainer import evaluate_checkpoint
 
-    output = Path(args.output) if args.output else weights.parent / f"eval_{weights.stem}"
+    output = Path(args.output) if args.output else Path("eval") / Path(weights.partition("?")[0]).parent.name
     metrics = evaluate_checkpoint(cfg, weights, output_dir=output, branch=args.branch)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -188,8 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return EXIT_RUN_FAILED
-    except KeyboardInterrupt:
-        print("interrupted; run the same command with --resume to continue", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted: {interrupt or 'run the same command with --resume to continue'}", file=sys.stderr)
         return 130
 
 

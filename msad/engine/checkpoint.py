@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from msad.config import Config, config_from_dict
+from msad.engine import storage
 from msad.errors import UserError
 
 CHECKPOINT_VERSION = 1
@@ -56,7 +57,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU, verifying its digest when one was written beside it."""
+    """Read a checkpoint on the CPU (local path or storage URI), verifying its digest when one was written beside it."""
+    if storage.is_uri(path):
+        if not storage.exists(str(path)):
+            raise UserError(f"{path}: checkpoint not found")
+        path = storage.local_copy(str(path), sidecars=(DIGEST_SUFFIX,))
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
@@ -88,8 +93,8 @@ def check_teacher_for_student(cfg: Config) -> Config:
 
     Returns the teacher's own config (needed to rebuild it).
     """
-    path = Path(cfg.train.teacher_checkpoint or "")
-    if not cfg.train.teacher_checkpoint:
+    path = cfg.train.teacher_checkpoint or ""
+    if not path:
         raise UserError("train.teacher_checkpoint: a student needs its trained teacher's checkpoint (got null)")
     state = load_checkpoint(path)
     teacher_cfg = checkpoint_config(state, path)

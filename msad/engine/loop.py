@@ -127,7 +127,7 @@ def _mean_over_workers(sums: dict[str, Tensor], count: int, ctx: WorkerContext) 
 
 def load_frozen_teacher(cfg: Config, device: torch.device) -> MSADTeacher:
     """The trained teacher for a student run: eval mode, no gradients, outside DDP."""
-    path = Path(cfg.train.teacher_checkpoint or "")
+    path = cfg.train.teacher_checkpoint or ""
     state = load_checkpoint(path)
     teacher = build_teacher(checkpoint_config(state, path))
     teacher.load_state_dict(state["model"])

@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from msad.build import DataPaths, build_model, build_val_dataset, check_num_classes, resolve_data_paths
-from msad.config import Config, check_ready_to_train, config_from_dict, save_config
+from msad.config import Config, check_ready_to_train, config_from_dict
+from msad.engine import storage
 from msad.engine.checkpoint import CHECKPOINT_FILE, check_teacher_for_student, checkpoint_config, load_checkpoint
 from msad.errors import UserError
 
@@ -34,15 +35,14 @@ class RunFailedError(Exception):
 
 @dataclass
 class RunResult:
-    run_dir: Path
+    run_dir: str  # local path or storage URI
     metrics: dict[str, Any]
-    checkpoint: Path | None  # latest
-    best_checkpoint: Path | None  # best by AP
+    checkpoint: str | None  # latest (local path or URI)
+    best_checkpoint: str | None  # best by AP
 
     def summary(self) -> dict[str, Any]:
         keys = ("iteration", "AP", "AP50", "AP75", "APs", "APm", "APl", "loss_total")
-        return {"run_dir": str(self.run_dir), "checkpoint": str(self.checkpoint) if self.checkpoint else None,
-                "best_checkpoint": str(self.best_checkpoint) if self.best_checkpoint else None,
+        return {"run_dir": self.run_dir, "checkpoint": self.checkpoint, "best_checkpoint": self.best_checkpoint,
                 **{k: self.metrics[k] for k in keys if k in self.metrics}}
 
 
@@ -56,26 +56,58 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False)
+        # one logical CPU more than the cores: Tune's and Train's driver actors hold a sliver each but sit idle
+        ray.init(include_dashboard=False, num_cpus=(os.cpu_count() or 1) + 1)
 
 
-def prepare_run(cfg: Config) -> tuple[DataPaths, Path]:
+def check_shared_storage(location: str, what: str = "distributed.storage_path") -> None:
+    """On a multi-node cluster, refuse a storage path that some node cannot see (before any trial starts).
+
+    Object-store URIs are shared by construction. For a path, the driver writes a marker file and a task pinned to
+    every alive node looks for it: an NFS mount passes, a head-local folder fails, naming the first blind node.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if storage.is_uri(location) or len(nodes) < 2:
+        return
+    root = Path(storage.resolve(location))
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / f".msad-shared-check-{os.getpid()}"
+    marker.write_text("msad")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return Path(path).is_file()
+
+    try:
+        checks = {n["NodeManagerAddress"]: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote(str(marker)) for n in nodes}
+        blind = [address for address, ref in checks.items() if not ray.get(ref, timeout=120)]
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise UserError(f"{what}: {root} is not shared by every node (node {blind[0]} cannot see it); use a path "
+                        "mounted alike on every node (NFS) or s3://bucket/prefix")
+
+
+def prepare_run(cfg: Config) -> tuple[DataPaths, str]:
     """Validate everything a run needs on the driver; returns the data paths and the run directory."""
     check_ready_to_train(cfg)
     if cfg.train.role == "student":
         check_teacher_for_student(cfg)
     paths = resolve_data_paths(cfg.data)
     check_num_classes(cfg, build_val_dataset(cfg, paths))
-    storage = Path(cfg.distributed.storage_path).expanduser().resolve()
-    run_dir = storage / cfg.distributed.run_name
-    saved = run_dir / CONFIG_FILE
-    if saved.is_file():
-        previous = config_from_dict(yaml.safe_load(saved.read_text()))
+    run_dir = storage.join(storage.resolve(cfg.distributed.storage_path), cfg.distributed.run_name)
+    saved = storage.join(run_dir, CONFIG_FILE)
+    if storage.exists(saved):
+        previous = config_from_dict(yaml.safe_load(storage.read_bytes(saved)))
         changed = _changed_keys(previous.to_dict(), cfg.to_dict())
         if changed:
             raise UserError(f"distributed.run_name: run {run_dir} exists with another config ({changed[0]}); "
                             "re-run with the same config to resume it, or choose a new distributed.run_name")
-    save_config(cfg, saved)
+    storage.write_bytes(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     return paths, run_dir
 
 
@@ -121,6 +153,7 @@ def fit(cfg: Config, address: str | None = None, resume: bool = False,
 
     paths, run_dir = prepare_run(cfg)
     init_ray(address)
+    check_shared_storage(cfg.distributed.storage_path)
     d = cfg.distributed
     resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.use_gpu else {})}
     trainer = TorchTrainer(
@@ -132,8 +165,9 @@ def fit(cfg: Config, address: str | None = None, resume: bool = False,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=d.run_name,
-            storage_path=str(run_dir.parent),
+            storage_path=storage.resolve(d.storage_path),
             callbacks=callbacks or [],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not a line per report per worker
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                          checkpoint_score_attribute="checkpoint_score",
@@ -146,13 +180,16 @@ def fit(cfg: Config, address: str | None = None, resume: bool = False,
         failure = RunFailedError(f"run {run_dir} failed: {_worker_error_line(err)}")
         failure.details = str(err)  # the full worker tracebacks, for logs
         raise failure from None
-    latest = Path(result.checkpoint.path) / CHECKPOINT_FILE if result.checkpoint else None
+    def location(checkpoint: Any) -> str:
+        return storage.join(storage.uri_for(checkpoint.path, run_dir), CHECKPOINT_FILE)
+
+    latest = location(result.checkpoint) if result.checkpoint else None
     evaluated = [(m["checkpoint_score"], m["iteration"], c) for c, m in (result.best_checkpoints or [])
                  if m.get("checkpoint_score", UNEVALUATED_SCORE) > UNEVALUATED_SCORE]
-    best = Path(max(evaluated, key=lambda e: e[:2])[2].path) / CHECKPOINT_FILE if evaluated else latest  # ties: newest
+    best = location(max(evaluated, key=lambda e: e[:2])[2]) if evaluated else latest  # ties: the newest
     metrics = dict(result.metrics or {})
-    (run_dir / FINAL_METRICS_FILE).write_text(json.dumps(
-        {**metrics, "checkpoint": str(latest), "best_checkpoint": str(best)}, indent=2, default=str))
+    storage.write_bytes(storage.join(run_dir, FINAL_METRICS_FILE), json.dumps(
+        {**metrics, "checkpoint": latest, "best_checkpoint": best}, indent=2, default=str).encode())
     return RunResult(run_dir, metrics, latest, best)
 
 
@@ -189,7 +226,7 @@ class LocalContext:
         return iter(sorted(self.run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True))
 
 
-def evaluate_checkpoint(cfg: Config, weights: Path, output_dir: Path, branch: str = "fused") -> dict[str, float]:
+def evaluate_checkpoint(cfg: Config, weights: str, output_dir: Path, branch: str = "fused") -> dict[str, float]:
     """COCO AP of a checkpoint on the val set of `cfg`'s data, in this process (GPU when there is one).
 
     The model is rebuilt from the checkpoint's own config (role, width, channels); `cfg` supplies the data.
