@@ -63,7 +63,7 @@ students:
     again = load_sweep(path)
     assert [s.config for s in again.students] == [s.config for s in sweep.students]  # same seed, same trials
     runs = {s.config["distributed"]["storage_path"] for s in sweep.students}
-    assert runs == {str(Path("runs").resolve() / "t" / "runs")}  # storage_path ./runs, experiment t
+    assert runs == {str(Path("runs").resolve() / "t" / "runs")}  # distributed.storage_path ./runs, experiment t
     assert all(s.config["distributed"]["run_name"] == s.name for s in sweep.students)
 
 

@@ -22,6 +22,7 @@ from msad.config import (
     parse_overrides,
     read_yaml,
 )
+from msad.engine import storage
 from msad.errors import UserError
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
@@ -57,8 +58,7 @@ class SweepFile:
     students: StageSpec | None = None
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     max_concurrent_trials: int = 2
-    trial_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 0.0})  # the trial driver itself
-    storage_path: str = "./runs"  # experiments live in storage_path/name
+    trial_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 0.05})  # the (idle) trial driver
     seed: int = 0  # for sampled values
 
 
@@ -70,8 +70,8 @@ class TrialSpec:
     role: str
     width: float
     h_short_side: int
-    kd_alpha: float
-    kd_temperature: float
+    kd_alpha: float | None  # students only
+    kd_temperature: float | None
     config: dict[str, Any]
     teacher_checkpoint: str | None = None  # given by the spec (students-only sweeps); else filled in by the runner
 
@@ -91,8 +91,9 @@ class Sweep:
     students: list[TrialSpec]
 
     @property
-    def experiment_dir(self) -> Path:
-        return Path(self.spec.storage_path).expanduser().resolve() / self.spec.name
+    def experiment_dir(self) -> str:
+        """Where Tune and the trials' Train runs store state: <distributed.storage_path>/<name> (path or URI)."""
+        return storage.join(storage.resolve(self.base.distributed.storage_path), self.spec.name)
 
 
 def _draw(key: str, dist: dict[str, list[Any]], rng: random.Random, where: str) -> Any:
@@ -185,7 +186,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
 
-    runs_dir = Path(spec.storage_path).expanduser().resolve() / spec.name / RUNS_DIR
+    runs_dir = storage.join(storage.resolve(base.distributed.storage_path), spec.name, RUNS_DIR)
     rng = random.Random(spec.seed)
     taken: set[str] = set()
     teachers: list[TrialSpec] = []
@@ -220,16 +221,16 @@ def _given_teachers(stage: StageSpec, where: str) -> dict[float, str]:
     return given
 
 
-def _trial(cfg: Config, role: str, taken: set[str], teacher_checkpoint: str | None, runs_dir: Path) -> TrialSpec:
+def _trial(cfg: Config, role: str, taken: set[str], teacher_checkpoint: str | None, runs_dir: str) -> TrialSpec:
     """A trial's spec; its Train run lives in EXPERIMENT_DIR/runs/<trial name> (re-running it resumes it)."""
     data = cfg.to_dict()
     name = _name(role, cfg, taken)
     data["distributed"]["run_name"] = name
-    data["distributed"]["storage_path"] = str(runs_dir)
+    data["distributed"]["storage_path"] = runs_dir
     if teacher_checkpoint:
         data["train"]["teacher_checkpoint"] = teacher_checkpoint
     is_student = role == "student"
     return TrialSpec(name=name, role=role, width=cfg.model.width, h_short_side=cfg.data.test_short_side,
-                     kd_alpha=cfg.train.kd_alpha if is_student else 0.0,
-                     kd_temperature=cfg.train.kd_temperature if is_student else 0.0, config=data,
+                     kd_alpha=cfg.train.kd_alpha if is_student else None,
+                     kd_temperature=cfg.train.kd_temperature if is_student else None, config=data,
                      teacher_checkpoint=teacher_checkpoint)

@@ -1,0 +1,263 @@
+"""Ray Tune orchestration: teachers first, each width's students released as soon as that width's teachers end.
+
+One Tune experiment holds every trial. A `Searcher` (Tune's public API for "what to run next") hands out the
+teacher trials first and holds each student back until every teacher of its width has finished; it then fills in
+the best of those teachers' checkpoints. So a fast width's students run while a slow width's teacher is still
+training, instead of waiting at a two-stage barrier. Each trial is a function trainable that builds and fits a
+`TorchTrainer` (the Train V2 pattern) with `TuneReportCallback`, so Train's metrics reach Tune and W&B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from msad.config import config_from_dict
+from msad.engine import storage
+from msad.errors import UserError
+from msad.sweep.report import RESULTS_DIR, TrialSummary, read_trial_summaries, write_report, write_trial_summary
+from msad.sweep.spec import Sweep, TrialSpec, load_sweep
+from msad.sweep.tracking import make_wandb_callback, sync_command
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Tune returned with trials unfinished (Ctrl-C): the CLI says how to resume and exits 130."""
+
+
+class DependencyFailedError(RuntimeError):
+    """A student whose teacher did not produce a checkpoint; the message names the teacher."""
+
+
+class TeacherFirstSearcher(Searcher):
+    """Hands out every teacher first, then each width's students once all teachers of that width have ended.
+
+    The released students get the best (by AP) of their width's teacher checkpoints; if every teacher of the width
+    failed, they are released with a `dependency_error` naming the teacher(s), so they fail with that message while
+    other widths go on. Its state is saved with the experiment, so a resumed sweep releases the same students.
+
+    Args:
+        teachers: teacher trials, in order.
+        students: student trials; those with a given teacher checkpoint are ready at once.
+    """
+
+    def __init__(self, teachers: list[TrialSpec], students: list[TrialSpec]) -> None:
+        super().__init__(metric=None, mode=None)
+        self.pending_teachers = [t.tune_config() for t in teachers]
+        self.ready: list[dict[str, Any]] = []
+        self.waiting: dict[float, list[dict[str, Any]]] = defaultdict(list)
+        for s in students:
+            (self.ready if s.teacher_checkpoint else self.waiting[s.width]).append(s.tune_config())
+        self.teachers_left: dict[float, int] = defaultdict(int)
+        for t in teachers:
+            self.teachers_left[t.width] += 1
+        self.running_teachers: dict[str, tuple[float, str]] = {}
+        self.finished: dict[float, list[tuple[float, str, str]]] = defaultdict(list)  # (AP, checkpoint, name)
+        self.failed: dict[float, list[str]] = defaultdict(list)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.pending_teachers:  # teachers gate everything else: start them first
+            config = self.pending_teachers.pop(0)
+            self.running_teachers[trial_id] = (config["width"], config["trial_name"])
+            return config
+        if self.ready:
+            return self.ready.pop(0)
+        if any(self.waiting.values()):
+            return None  # a teacher is still running; Tune asks again later
+        return Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self.running_teachers:
+            return
+        width, name = self.running_teachers.pop(trial_id)
+        checkpoint = (result or {}).get("best_checkpoint")
+        if error or not checkpoint:
+            self.failed[width].append(name)
+        else:
+            self.finished[width].append((float(result.get("AP", -1.0)), str(checkpoint), name))
+        self.teachers_left[width] -= 1
+        if self.teachers_left[width] == 0:
+            self._release(width)
+
+    def _release(self, width: float) -> None:
+        students_of_width = self.waiting.pop(width, [])
+        if self.finished[width]:
+            _, checkpoint, name = max(self.finished[width])
+            for config in students_of_width:
+                config["msad"]["train"]["teacher_checkpoint"] = checkpoint
+                self.ready.append({**config, "teacher_name": name})
+        else:
+            reason = f"teacher {', '.join(self.failed[width])} (width {width:g}) failed; its students were not run"
+            self.ready.extend({**config, "dependency_error": reason} for config in students_of_width)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class StudentASHA(AsyncHyperBandScheduler):
+    """ASHA over students only: teachers are never stopped early and never enter the students' rungs."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if trial.config.get("role") == "teacher":
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        if trial.config.get("role") == "teacher":
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        super().on_trial_complete(tune_controller, trial, result)
+
+
+def make_scheduler(sweep: Sweep) -> TrialScheduler:
+    s = sweep.spec.scheduler
+    if s.type == "fifo":
+        return FIFOScheduler()
+    max_t = max((st.config["train"]["iterations"] for st in sweep.students), default=1)
+    # stop_last_trials=False: a student that reaches its last iteration ends by itself, with its final evaluation
+    return StudentASHA(time_attr=s.time_attr, metric=s.metric, mode=s.mode, max_t=max_t,
+                       grace_period=s.grace_period, reduction_factor=s.reduction_factor, stop_last_trials=False)
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: one teacher or student training as a TorchTrainer (Train V2 pattern)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from msad.engine.trainer import fit
+
+    if config.get("dependency_error"):
+        raise DependencyFailedError(config["dependency_error"])
+    cfg = config_from_dict(config["msad"])
+    result = fit(cfg, callbacks=[TuneReportCallback()])
+    summary = TrialSummary.for_trial(config, cfg).finished(result.metrics, result.best_checkpoint)
+    # the same keys on every trial's last result, so W&B summaries line up (tables, parallel coordinates, scatter)
+    ray.tune.report({**result.metrics, **summary.tune_metrics(), "best_checkpoint": result.best_checkpoint})
+
+
+def _error_line(trial: Any) -> str:
+    """The trial's own exception line (e.g. 'DependencyFailedError: teacher ... failed') out of Tune's text."""
+    local = Path(trial.error_file) if trial.error_file else None  # written on the driver before callbacks run
+    text = local.read_text() if local is not None and local.is_file() else str(trial.get_error() or "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]
+    return (named or lines or ["unknown error"])[-1][:500]
+
+
+def _summary_base(trial: Any) -> TrialSummary:
+    return TrialSummary.for_trial(trial.config, config_from_dict(trial.config["msad"]), trial.trial_id)
+
+
+class TrialSummaryCallback(Callback):
+    """Writes each ended trial's row (results/<trial>.json) for the report, on the driver.
+
+    It runs where the sweep was launched, so the report and W&B files stay on that machine even when trials run on
+    other nodes and their checkpoints live in an object store.
+    """
+
+    def __init__(self, results_dir: Path) -> None:
+        self.results_dir = results_dir
+        self.started: dict[str, float] = {}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.started.setdefault(trial.trial_id, time.time())
+
+    def _write(self, trial: Any, summary: TrialSummary) -> None:
+        timed = dataclasses.replace(summary, started_at=self.started.get(trial.trial_id), ended_at=time.time())
+        write_trial_summary(self.results_dir, timed)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        if result.get("best_checkpoint"):
+            self._write(trial, _summary_base(trial).finished(result, result["best_checkpoint"]))
+        else:  # ended by the scheduler (ASHA) before its last iteration
+            self._write(trial, _summary_base(trial).stopped(result, result.get("checkpoint_path")))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._write(trial, _summary_base(trial).failed(_error_line(trial)))
+
+
+def _progress_reporter() -> Any:
+    from ray.tune import CLIReporter
+
+    return CLIReporter(
+        parameter_columns={"role": "role", "width": "width", "h_short_side": "H", "kd_alpha": "kd",
+                           "kd_temperature": "T"},
+        metric_columns={"iteration": "iter", "loss_total": "loss", "latest_AP": "AP"},
+        max_report_frequency=30,
+    )
+
+
+def local_home(sweep: Sweep) -> Path:
+    """Where the driver keeps the report, trial rows and W&B offline runs: the experiment folder itself when
+    storage is a path, else ./runs/<name> (object stores hold only Ray's state and checkpoints)."""
+    if storage.is_uri(sweep.experiment_dir):
+        return Path("runs").resolve() / sweep.spec.name
+    return Path(sweep.experiment_dir)
+
+
+def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None, resume: bool = False) -> Path:
+    """Run (or resume) the sweep in `spec_path`; returns the local folder holding its report."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table shows our role/width/kd columns
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # AP arrives only at evaluations
+    from ray import tune
+
+    from msad.build import resolve_data_paths
+    from msad.engine.trainer import check_shared_storage, init_ray
+
+    sweep = load_sweep(spec_path, overrides)
+    experiment_dir, home = sweep.experiment_dir, local_home(sweep)
+    exists = storage.exists(experiment_dir)
+    if exists and not resume:
+        raise UserError(f"{experiment_dir}: experiment exists; add --resume to continue it, or set a new name "
+                        "in the sweep file (nothing was overwritten)")
+    if resume and not exists:
+        raise UserError(f"{experiment_dir}: no experiment to resume; run without --resume to start it")
+    resolve_data_paths(sweep.base.data)  # generate the built-in dataset once, before trials race for it
+    init_ray(address)
+    check_shared_storage(sweep.base.distributed.storage_path)
+
+    trainable = tune.with_resources(run_trial, dict(sweep.spec.trial_resources))
+    if exists and tune.Tuner.can_restore(experiment_dir):
+        tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        wandb = make_wandb_callback(sweep.base.tracking, sweep.spec.name, home)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=TeacherFirstSearcher(sweep.teachers, sweep.students),
+                scheduler=make_scheduler(sweep),
+                num_samples=len(sweep.teachers) + len(sweep.students),
+                max_concurrent_trials=sweep.spec.max_concurrent_trials,
+                trial_name_creator=lambda trial: trial.config["trial_name"],
+                trial_dirname_creator=lambda trial: trial.config["trial_name"],
+            ),
+            run_config=tune.RunConfig(
+                name=sweep.spec.name, storage_path=storage.resolve(sweep.base.distributed.storage_path),
+                callbacks=[TrialSummaryCallback(home), *([wandb] if wandb else [])],
+                progress_reporter=_progress_reporter()),
+        )
+    tuner.fit()  # on Ctrl-C Tune saves the experiment's state and returns early
+    total = len(sweep.teachers) + len(sweep.students)
+    ended = len(read_trial_summaries(home)) if (home / RESULTS_DIR).is_dir() else 0
+    if ended:
+        print(write_report(home))
+    print(f"\nexperiment: {experiment_dir}\nreport: {home}\nW&B offline runs, to upload: {sync_command(home)}")
+    if ended < total:
+        raise SweepInterrupted(f"sweep stopped with {total - ended} of {total} trials unfinished; continue it with: "
+                               f"launch.py {spec_path} --resume")
+    return home

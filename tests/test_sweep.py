@@ -1,0 +1,170 @@
+"""Ray Tune sweeps on CPU: teacher -> student dependencies, early release per width, failures, W&B, report,
+resume after an interruption, and ASHA over students."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from msad.engine.checkpoint import load_checkpoint
+from msad.sweep.report import read_trial_summaries
+from msad.sweep.runner import run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_sweep(tmp: Path, cache: Path, name: str, body: dict, iterations: int = 4) -> Path:
+    """A sweep file over tiny configs: 24 train / 6 val images at 128 px, batch 2, 1 Ray worker per trial."""
+    spec = {
+        "name": name,
+        "base": str(REPO / "configs" / "cpu_base.yaml"),
+        "config": {
+            "model": {"fpn_channels": 32, "gn_groups": 8},
+            "data": {"shapes": {"num_train": 24, "num_val": 6, "image_size": [96, 128], "object_size": [8, 40],
+                                "cache_dir": str(cache)},
+                     "train_short_sides": [128], "test_short_side": 128, "num_workers": 0},
+            "train": {"iterations": iterations, "batch_per_worker": 2, "lr_steps": [iterations - 1],
+                      "warmup_iters": 1, "checkpoint_period": 2, "eval_period": iterations, "log_period": 1,
+                      "kd_warmup_iters": 2},
+            "distributed": {"storage_path": str(tmp / "runs"), "max_failures": 0},
+            "tracking": {"mode": "offline"},
+        },
+        **body,
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_widths(ray_session: None, tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path):
+    """Width 0.25: a fast teacher and two students. Width 0.5: a slow teacher and one student. Width 0.75: a teacher
+    that diverges (lr 1e30) and one student, which must fail naming it."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    path = tiny_sweep(tmp, shapes_cache, "two_widths", {
+        "teachers": {"variants": [
+            {"model.width": 0.25},
+            {"model.width": 0.5, "train.iterations": 16, "train.lr_steps": [15], "train.eval_period": 16},
+            {"model.width": 0.75, "train.base_lr": 1.0e30},
+        ]},
+        "students": {"variants": [{"model.width": 0.25, "train.kd_alpha": 0.0},
+                                  {"model.width": 0.25, "train.kd_alpha": 0.2},
+                                  {"model.width": 0.5}, {"model.width": 0.75}]},
+        "max_concurrent_trials": 3,
+    })
+    home = run_sweep(path, [])
+    return home, {s.name: s for s in read_trial_summaries(home)}
+
+
+def test_students_get_their_teachers_checkpoint_and_start_after_it(two_widths) -> None:
+    _, rows = two_widths
+    teacher = rows["teacher-w0.25-h128"]
+    assert teacher.status == "TERMINATED" and teacher.checkpoint
+    students = [rows["student-w0.25-l64-kd0-t3"], rows["student-w0.25-l64-kd0.2-t3"]]
+    for student in students:
+        assert student.status == "TERMINATED"
+        assert student.teacher_checkpoint == teacher.checkpoint  # the dependency, filled in by the searcher
+        assert student.started_at >= teacher.ended_at  # no student before its teacher ends
+        run_cfg = load_checkpoint(student.checkpoint)["config"]
+        assert run_cfg["train"]["teacher_checkpoint"] == teacher.checkpoint  # and in the run's own config
+
+
+def test_fast_width_students_start_before_the_slow_teacher_ends(two_widths) -> None:
+    _, rows = two_widths
+    slow = rows["teacher-w0.5-h128"]
+    assert min(rows[n].started_at for n in ("student-w0.25-l64-kd0-t3", "student-w0.25-l64-kd0.2-t3")) \
+        < slow.ended_at
+
+
+def test_failed_teacher_fails_its_students_naming_it(two_widths) -> None:
+    _, rows = two_widths
+    assert rows["teacher-w0.75-h128"].status == "ERROR"
+    assert "non-finite loss" in rows["teacher-w0.75-h128"].error
+    orphan = rows["student-w0.75-l64-kd0.2-t3"]
+    assert orphan.status == "ERROR"
+    assert "teacher teacher-w0.75-h128 (width 0.75) failed; its students were not run" in orphan.error
+    assert rows["student-w0.5-l64-kd0.2-t3"].status == "TERMINATED"  # the other widths went on
+
+
+def test_report_and_wandb_match_the_trials(two_widths) -> None:
+    from test_tracking import _read_wandb_run
+
+    home, rows = two_widths
+    table = (home / "report.md").read_text()
+    assert table.count("| FCOS ") == len(rows) == 7
+    assert (home / "ap_vs_capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv_rows = (home / "report.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 1 + len(rows)
+    runs = [_read_wandb_run(d) for d in sorted((home / "wandb").glob("offline-run-*"))]
+    finished = {r["display_name"]: r for r in runs if r["summary"].get("status") == "TERMINATED"}
+    assert set(finished) == {n for n, s in rows.items() if s.status == "TERMINATED"}
+    student = finished["student-w0.25-l64-kd0.2-t3"]
+    assert (student["run_group"], student["job_type"]) == ("two_widths", "student")
+    assert student["config"]["train"]["teacher_checkpoint"] == rows["teacher-w0.25-h128"].checkpoint
+    assert student["summary"]["capacity"] == pytest.approx(rows["student-w0.25-l64-kd0.2-t3"].capacity)
+    assert student["summary"]["kd_alpha"] == 0.2 and "AP" in student["summary"]
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session: None, tmp_path: Path,
+                                                                      shapes_cache: Path) -> None:
+    path = tiny_sweep(tmp_path, shapes_cache, "resume", {
+        "teachers": {"grid": {"model.width": [0.25]}},
+        "students": {"grid": {"model.width": [0.25]}, "config": {"train": {"iterations": 8, "lr_steps": [7],
+                                                                           "eval_period": 8}}},
+        "max_concurrent_trials": 1,
+    })
+    home = tmp_path / "runs" / "resume"
+    student_run = home / "runs" / "student-w0.25-l64-kd0.2-t3"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = (tmp_path / "sweep.log").open("w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), str(path)], cwd=tmp_path, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not list(student_run.glob("checkpoint_0*/checkpoint.pt")):  # the student is part-way through
+            assert proc.poll() is None and time.time() < deadline, "the sweep ended before it could be interrupted"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=180) == 130, (tmp_path / "sweep.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    teacher_before = json.loads((home / "results" / "teacher-w0.25-h128.json").read_text())
+    assert not (home / "results" / "student-w0.25-l64-kd0.2-t3.json").exists()
+
+    run_sweep(path, [], resume=True)
+    rows = {s.name: s for s in read_trial_summaries(home)}
+    assert rows["teacher-w0.25-h128"].started_at == teacher_before["started_at"]  # not run again
+    student = rows["student-w0.25-l64-kd0.2-t3"]
+    assert student.status == "TERMINATED"
+    state = load_checkpoint(student.checkpoint)
+    assert state["iteration"] == 8 and state["resumed_from"]  # continued from its own checkpoint
+
+
+def test_asha_stops_a_clearly_worse_student(ray_session: None, tmp_path: Path, shapes_cache: Path,
+                                            two_widths) -> None:
+    _, rows = two_widths
+    teacher = rows["teacher-w0.25-h128"].checkpoint
+    path = tiny_sweep(tmp_path, shapes_cache, "asha", {
+        # two identical students (deterministic on CPU: equal losses, so neither is below the other's rung) and a
+        # third whose learning rate is too small to move: clearly worse at the rung, so ASHA stops it
+        "students": {"grid": {"train.base_lr": [0.02, 0.02, 1.0e-7]},
+                     "teacher_checkpoints": {0.25: teacher}},
+        "scheduler": {"type": "asha", "metric": "loss_total", "mode": "min", "grace_period": 4,
+                      "reduction_factor": 2},
+        "max_concurrent_trials": 1,
+    }, iterations=8)
+    home = run_sweep(path, [])
+    statuses = [(s.status, s.iterations) for s in read_trial_summaries(home)]
+    assert sorted(s for s, _ in statuses) == ["STOPPED", "TERMINATED", "TERMINATED"]
+    worst = [s for s in read_trial_summaries(home) if s.status == "STOPPED"]
+    assert len(worst) == 1 and worst[0].name.endswith("-3")  # the 1e-7 learning rate, third in the grid
