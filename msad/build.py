@@ -5,7 +5,6 @@ The one place where config keys meet constructors, so the loop and the CLI never
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,9 +133,3 @@ def lr_factor(cfg: Config, iteration: int) -> float:
 def build_lr_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR stepped once per iteration; its state (last_epoch) is saved in checkpoints."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
-
-
-def iterations_per_epoch(dataset_size: int, batch_per_worker: int, num_workers: int) -> int:
-    """Full batches per epoch for every worker (drop_last), at least 1."""
-    per_worker = math.ceil(dataset_size / num_workers)
-    return max(per_worker // batch_per_worker, 1)

@@ -12,6 +12,12 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Dummy credentials for the S3 server that tests/test_cluster_runtime.py starts on 127.0.0.1 (moto): set before Ray
+# starts so its workers inherit them. Not a real account; nothing here reaches a cloud.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "msad-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "msad-test")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 torch.manual_seed(0)
 
 

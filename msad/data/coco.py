@@ -132,6 +132,10 @@ class CocoDetection(Dataset[Sample]):
         np.cumsum(np.bincount(owner[keep], minlength=num_images), out=offsets[1:])
         return boxes, labels[keep][order].astype(np.int64), offsets, num_degenerate
 
+    def landscape(self) -> list[bool]:
+        """Per image, whether it is wider than tall (from the JSON, no decoding): samplers group batches by it."""
+        return (self._sizes[:, 1] > self._sizes[:, 0]).tolist()
+
     def __len__(self) -> int:
         return len(self.image_ids)
 

@@ -3,15 +3,17 @@
 Two properties the loop relies on:
 - the augmentation of image `i` in epoch `e` depends only on (seed, e, i), not on which worker or loader process
   reads it, so 1 worker x batch 2B and 2 workers x batch B see the same images, identically augmented;
-- the sampler can start in the middle of an epoch, so a resumed run continues the exact data order.
+- the sampler can start in the middle of an epoch, so a resumed run continues the exact data order;
+- batches hold one image orientation, so padding to a multiple of 256 does not double the pixels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
 
@@ -38,25 +40,61 @@ class EpochSeededDataset(Dataset):
             return self.dataset[index]
 
 
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that can skip the first `start` samples of this rank's epoch (to resume mid-epoch).
+class GroupedDistributedSampler(DistributedSampler):
+    """Seeded, resumable sampler whose global batches hold images of one orientation (landscape or portrait).
 
-    Also used with one worker, so the order of images per global batch is the same for every world size.
+    Images are padded to a multiple of 256 per batch, so a batch mixing a 256x384 and a 384x256 image pads both to
+    512x512: 3.5x the pixels of a 256-px image, about 2x the step time. Grouping by orientation (as Detectron2's
+    aspect-ratio grouping does) avoids that. The grouping is done on GLOBAL batches (batch_per_worker x world size)
+    before they are split across ranks, so any world size sees the same images in the same global step: 1 worker x
+    batch 2B and 2 workers x batch B train on identical data. Each epoch: a seeded permutation, split by orientation,
+    cut into full global batches, batches shuffled; leftovers of both orientations form mixed batches at the end,
+    and what does not fill a global batch is dropped (as drop_last).
+
+    Args:
+        landscape: per dataset index, whether the image is wider than tall.
+        batch_per_worker: images per rank per step.
+        num_replicas: world size.
+        rank: this worker's rank.
+        seed: the run's seed (the order also depends on the epoch, see set_epoch).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-        self.start = 0
+    def __init__(self, landscape: Sequence[bool], batch_per_worker: int, num_replicas: int, rank: int,
+                 seed: int) -> None:
+        self.landscape = torch.as_tensor(list(landscape), dtype=torch.bool)
+        super().__init__(range(len(self.landscape)), num_replicas=num_replicas, rank=rank, shuffle=True,
+                         seed=seed, drop_last=True)
+        self.batch_per_worker = int(batch_per_worker)
+        self.global_batch = self.batch_per_worker * num_replicas
+        self.start_batch = 0
+        self.batches_per_epoch = len(self._global_batches())  # the same every epoch: group sizes do not change
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(self.landscape)} images cannot fill one global batch of {self.global_batch}")
 
-    def set_start(self, start: int) -> None:
-        self.start = int(start)
+    def set_start(self, batch: int) -> None:
+        """Skip the first `batch` steps of the epoch (a run resumed mid-epoch)."""
+        self.start_batch = int(batch)
+
+    def _global_batches(self) -> list[Tensor]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.landscape), generator=generator)
+        batches: list[Tensor] = []
+        leftovers = []
+        for group in (order[self.landscape[order]], order[~self.landscape[order]], None):
+            if group is None:  # last: the leftovers of both orientations, mixed
+                group = torch.cat(leftovers)
+            full = len(group) // self.global_batch
+            batches += [group[i * self.global_batch:(i + 1) * self.global_batch] for i in range(full)]
+            leftovers.append(group[full * self.global_batch:])
+        shuffled = torch.randperm(len(batches), generator=generator)
+        return [batches[i] for i in shuffled]
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start:])
+        for batch in self._global_batches()[self.start_batch:]:
+            yield from batch[self.rank:: self.num_replicas].tolist()  # this rank's batch_per_worker images
 
     def __len__(self) -> int:
-        return max(self.num_samples - self.start, 0)
+        return (self.batches_per_epoch - self.start_batch) * self.batch_per_worker
 
 
 def shard_indices(length: int, rank: int, world_size: int) -> list[int]:

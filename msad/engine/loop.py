@@ -32,7 +32,6 @@ from msad.build import (
     build_teacher,
     build_train_dataset,
     build_val_dataset,
-    iterations_per_epoch,
 )
 from msad.config import Config, config_from_dict
 from msad.data.coco import CocoDetection
@@ -45,7 +44,7 @@ from msad.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from msad.engine.data import EpochSeededDataset, ResumableDistributedSampler, shard_indices
+from msad.engine.data import EpochSeededDataset, GroupedDistributedSampler, shard_indices
 from msad.engine.evaluate import coco_evaluate, to_coco_results
 from msad.models.student import (
     KDWarmup,
@@ -144,7 +143,8 @@ def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerC
     module = unwrap(model)
     was_training = module.training
     module.eval()
-    shard = Subset(dataset, shard_indices(len(dataset), ctx.rank, ctx.world_size))
+    landscape = dataset.landscape()  # one orientation per batch where possible: less padding
+    shard = Subset(dataset, sorted(shard_indices(len(dataset), ctx.rank, ctx.world_size), key=landscape.__getitem__))
     loader = DataLoader(shard, batch_size=cfg.train.batch_per_worker, shuffle=False,
                         num_workers=cfg.data.num_workers, collate_fn=Collate(cfg.data.size_divisibility))
     results: list[dict[str, Any]] = []
@@ -221,11 +221,12 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext,
             print(f"resumed from {checkpoint_path} at iteration {state.iteration}", flush=True)
 
     seeded = EpochSeededDataset(train_set, t.seed)
-    sampler = ResumableDistributedSampler(seeded, ctx.world_size, ctx.rank, seed=t.seed)
+    sampler = GroupedDistributedSampler(train_set.landscape(), t.batch_per_worker, ctx.world_size, ctx.rank,
+                                        seed=t.seed)
     loader = ctx.prepare_loader(DataLoader(
         seeded, batch_size=t.batch_per_worker, sampler=sampler, num_workers=cfg.data.num_workers,
         collate_fn=Collate(cfg.data.size_divisibility), drop_last=True, pin_memory=ctx.device.type == "cuda"))
-    per_epoch = iterations_per_epoch(len(train_set), t.batch_per_worker, ctx.world_size)
+    per_epoch = sampler.batches_per_epoch
 
     model.train()
     sums: dict[str, Tensor] = {}
@@ -234,7 +235,7 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext,
         epoch, offset = divmod(state.iteration, per_epoch)
         seeded.epoch = epoch
         sampler.set_epoch(epoch)
-        sampler.set_start(offset * t.batch_per_worker)
+        sampler.set_start(offset)
         for batch in loader:
             if state.iteration >= t.iterations:
                 break
@@ -335,6 +336,7 @@ class RayWorkerContext:
     """WorkerContext of a Ray Train worker: DDP/loader preparation and reporting through ray.train."""
 
     def __init__(self) -> None:
+        import ray
         import ray.train
         import ray.train.torch
 
@@ -344,6 +346,7 @@ class RayWorkerContext:
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         # only parameters that require grad are registered by DDP: the frozen teacher is not passed here at all
@@ -355,6 +358,7 @@ class RayWorkerContext:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, iteration: int) -> None:
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        metrics = {**metrics, "node_id": self.node_id}  # where rank 0 ran (Tune's node_ip is per machine, not node)
         self._train.report(metrics, checkpoint=checkpoint,
                            checkpoint_dir_name=f"checkpoint_{iteration:07d}" if checkpoint else None)
 
