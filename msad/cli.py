@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="student training checkpoint")
     export.add_argument("--output", required=True, help="file to write")
 
+    convert = command("convert", "import an original MSAD (Detectron2) .pth file as an msad checkpoint")
+    convert.add_argument("config", help="config YAML describing the model (width, channels, classes) and data")
+    convert.add_argument("overrides", nargs="*", help="section.key=value")
+    convert.add_argument("--original", required=True, help="the original project's .pth file")
+    convert.add_argument("--output", required=True, help="msad checkpoint to write")
+
     capacity = command("capacity", "backbone capacity and detector GFLOPs per width and role, beside the paper's")
     capacity.add_argument("--json", action="store_true", help="print JSON rows for machines")
 
@@ -74,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = ("sweep", "train", "eval", "export", "capacity", "report")
+COMMANDS = ("sweep", "train", "eval", "export", "convert", "capacity", "report")
 
 
 def _route_bare_spec(argv: list[str]) -> list[str]:
@@ -135,6 +141,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from msad.config import load_config
+
+    cfg = load_config(_existing_file(args.config, "config file"), args.overrides)
+    original = _existing_file(args.original, "original checkpoint")
+    from msad.engine.checkpoint import import_original_checkpoint
+
+    print(f"wrote {import_original_checkpoint(original, cfg, Path(args.output))}")
+    return 0
+
+
 def cmd_capacity(args: argparse.Namespace) -> int:
     from msad.models.capacity import capacity_json, capacity_rows, format_capacity_table
 
@@ -167,7 +184,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "sweep": cmd_sweep, "train": cmd_train, "eval": cmd_eval, "export": cmd_export,
+    "sweep": cmd_sweep, "train": cmd_train, "eval": cmd_eval, "export": cmd_export, "convert": cmd_convert,
     "capacity": cmd_capacity, "report": cmd_report,
 }
 

@@ -26,7 +26,8 @@ def ray_session() -> Iterator[None]:
     """A real local Ray shared by every test that needs one (start-up costs seconds; pay it once)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+             configure_logging=False)
     try:
         yield
     finally:

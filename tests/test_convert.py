@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -137,3 +138,31 @@ def test_numpy_checkpoint_gets_a_clear_message(tmp_path: Path) -> None:
         load_original(path)
     with pytest.raises(UserError, match="does not exist"):
         load_original(tmp_path / "missing.pth")
+
+
+def test_launch_convert_then_eval_runs_the_original_student_alone(tmp_path: Path, shapes_cache: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The user path for the original's released models: `launch.py convert`, then `launch.py eval`."""
+    from msad.cli import main
+    from msad.engine.checkpoint import load_checkpoint
+
+    shapes = {**TINY, "num_classes": 6}  # the built-in dataset's classes, so eval can score it
+    teacher, student = MSADTeacher(**shapes).eval(), MSADStudent(**shapes).eval()
+    original = tmp_path / "MSAD-R50-S025-1x.pth"
+    torch.save({"model": _original_student_file(teacher, student)}, original)
+    config = tmp_path / "model.yaml"
+    config.write_text(
+        f"model: {{width: {TINY['width']}, fpn_channels: {TINY['fpn_channels']}, gn_groups: {TINY['gn_groups']},"
+        f" num_classes: 6}}\n"
+        f"data: {{shapes: {{num_train: 8, num_val: 4, image_size: [96, 128], object_size: [8, 40],"
+        f" cache_dir: '{shapes_cache}'}}, test_short_side: 128, num_workers: 0}}\n")
+    out = tmp_path / "student.pt"
+    assert main(["convert", str(config), "--original", str(original), "--output", str(out)]) == 0
+    state = load_checkpoint(out)
+    assert state["role"] == "student" and state["kind"] == "standalone"
+    assert not any(k.startswith("fusion") for k in state["model"])  # the teacher is not carried along
+    assert main(["convert", str(config), "--original", str(original), "--output", str(out)]) == 2  # no overwrite
+    capsys.readouterr()
+    assert main(["eval", str(config), "--weights", str(out), "--output", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["role"] == "student" and 0.0 <= metrics["AP"] <= 1.0

@@ -131,3 +131,37 @@ def export_standalone_student(checkpoint: str | Path, output: str | Path) -> Pat
         "metrics": state.get("metrics", {}),
     }
     return save_checkpoint(standalone, output)
+
+
+def import_original_checkpoint(original: str | Path, cfg: Config, output: str | Path) -> Path:
+    """Turn an original MSAD (Detectron2) .pth file into an msad checkpoint that `eval` and students can use.
+
+    The config describes the model (width, channels, classes) and is checked against the weights: the width is read
+    from the file and must equal model.width; every key is mapped and shape-checked when the model loads.
+    A student file becomes a standalone student (the teacher inside it is dropped); a teacher file a teacher.
+    """
+    from msad.build import build_model
+    from msad.models.convert import infer_width, load_original
+
+    output = Path(output)
+    if output.exists():
+        raise UserError(f"{output}: already exists; choose another --output (nothing was overwritten)")
+    converted = load_original(original)
+    weights = converted.student if converted.role == "student" else converted.teacher
+    width = infer_width(weights)
+    if width != cfg.model.width:
+        raise UserError(f"{original}: trained at width {width:g}, but model.width is {cfg.model.width:g}")
+    data = cfg.to_dict()
+    data["train"]["role"] = converted.role
+    data["model"]["fusion"] = any(k.startswith("fusion.") for k in weights) or converted.role == "student"
+    model_cfg = config_from_dict(data)
+    model = build_model(model_cfg)
+    from msad.models.detector import load_state_strictly
+
+    load_state_strictly(model, weights, str(original))
+    return save_checkpoint({
+        "version": CHECKPOINT_VERSION, "role": converted.role,
+        "kind": "standalone" if converted.role == "student" else "training", "width": width, "iteration": 0,
+        "config": model_cfg.to_dict(), "model": model.state_dict(), "metrics": {}, "source": str(original),
+    }, output)
+

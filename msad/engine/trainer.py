@@ -56,8 +56,9 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # one logical CPU more than the cores: Tune's and Train's driver actors hold a sliver each but sit idle
-        ray.init(include_dashboard=False, num_cpus=(os.cpu_count() or 1) + 1)
+        # One logical CPU more than the cores: Tune's and Train's driver actors hold a sliver each but sit idle.
+        # The dashboard (its State API lets Train clean up after a crashed controller) listens on localhost only.
+        ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def check_shared_storage(location: str, what: str = "distributed.storage_path") -> None:

@@ -8,7 +8,7 @@ import sys
 
 from ray.cluster_utils import Cluster
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "dashboard_host": "127.0.0.1"})
 cluster.add_node(num_cpus=2)
 cluster.wait_for_nodes()
 print(cluster.address, flush=True)
