@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from msad.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -38,3 +42,31 @@ def ray_session() -> Iterator[None]:
 def shapes_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache folder for the built-in dataset, so the session generates each spec once."""
     return tmp_path_factory.mktemp("msad_cache")
+
+
+def make_tiny_config(tmp: Path, cache: Path, role: str, name: str, *extra: str) -> Config:
+    """A config small enough for a few seconds per Ray run: 24 train / 6 val images, batch 2, 6 iterations."""
+    return load_config(REPO / "configs" / "cpu_base.yaml", [
+        f"train.role={role}", f"distributed.run_name={name}", f"distributed.storage_path={tmp}",
+        f"data.shapes.cache_dir={cache}", "data.shapes.num_train=24", "data.shapes.num_val=6",
+        "data.shapes.image_size=[96,128]", "data.shapes.object_size=[8,40]", "data.train_short_sides=[128]",
+        "data.test_short_side=128", "data.num_workers=0", "model.fpn_channels=32", "model.gn_groups=8",
+        "train.iterations=6", "train.batch_per_worker=2", "train.lr_steps=[5]", "train.warmup_iters=2",
+        "train.checkpoint_period=2", "train.eval_period=6", "train.log_period=1", "train.kd_warmup_iters=2",
+        "distributed.num_workers=2", "distributed.max_failures=0", *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The factory of tiny run configs (see make_tiny_config)."""
+    return make_tiny_config
+
+
+@pytest.fixture(scope="session")
+def teacher_run(ray_session: None, tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path):
+    """One tiny teacher trained with 2 Ray workers, shared by the tests that need a trained teacher."""
+    from msad.engine.trainer import fit
+
+    tmp = tmp_path_factory.mktemp("teacher")
+    cfg = make_tiny_config(tmp, shapes_cache, "teacher", "teacher")
+    return cfg, fit(cfg)

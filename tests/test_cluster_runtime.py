@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train_ray import tiny
 
 from msad.engine import storage
 from msad.engine.checkpoint import load_checkpoint
@@ -63,17 +62,23 @@ def test_storage_round_trip_on_s3(s3_bucket: str) -> None:
     assert not storage.exists(storage.join(s3_bucket, "a", "missing.bin"))
 
 
-def test_student_fetches_its_teacher_through_s3(ray_session: None, s3_bucket: str, tmp_path: Path,
+def test_student_fetches_its_teacher_through_s3(teacher_run, tiny_config, s3_bucket: str, tmp_path: Path,
                                                shapes_cache: Path) -> None:
-    teacher = fit(tiny(tmp_path, shapes_cache, "teacher", "s3-teacher", f"distributed.storage_path={s3_bucket}",
-                       "distributed.num_workers=1"))
-    assert teacher.best_checkpoint.startswith("s3://msad-test/runs/s3-teacher/checkpoint_")
-    assert "endpoint_override=" in teacher.best_checkpoint
-    state = load_checkpoint(teacher.best_checkpoint)  # checkpoint round trip through the object store
-    assert state["role"] == "teacher" and state["iteration"] == 6
-    student = fit(tiny(tmp_path, shapes_cache, "student", "s3-student", f"distributed.storage_path={s3_bucket}",
-                       "distributed.num_workers=1", f"train.teacher_checkpoint={teacher.best_checkpoint}"))
+    """A teacher checkpoint in the object store (uploaded, digest beside it, as a cluster run leaves it); a student
+    run whose storage is that store reads it from there and writes its own checkpoints there."""
+    _, teacher = teacher_run
+    remote_teacher = storage.join(s3_bucket, "teacher", "checkpoint_0000006", "checkpoint.pt")
+    for suffix in ("", ".sha256"):
+        head, _, query = remote_teacher.partition("?")
+        storage.write_bytes(f"{head}{suffix}?{query}", Path(teacher.checkpoint + suffix).read_bytes())
+    assert load_checkpoint(remote_teacher)["role"] == "teacher"  # round trip, digest checked
+    student = fit(tiny_config(tmp_path, shapes_cache, "student", "s3-student", f"distributed.storage_path={s3_bucket}",
+                       "distributed.num_workers=1", f"train.teacher_checkpoint={remote_teacher}"))
     assert student.metrics["iteration"] == 6 and student.metrics["loss_kd"] > 0
+    assert student.best_checkpoint.startswith("s3://msad-test/runs/s3-student/checkpoint_")
+    assert "endpoint_override=" in student.best_checkpoint
+    state = load_checkpoint(student.best_checkpoint)  # the student's own checkpoint, read back from S3
+    assert state["role"] == "student" and state["config"]["train"]["teacher_checkpoint"] == remote_teacher
     assert storage.exists(storage.join(s3_bucket, "s3-student", "config.yaml"))
     assert not (tmp_path / "s3-student").exists()  # nothing went to the local disk instead
 

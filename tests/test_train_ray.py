@@ -8,31 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from msad.config import Config, load_config
 from msad.engine.checkpoint import load_checkpoint, save_checkpoint
 from msad.engine.trainer import RunFailedError, fit, prepare_run
 from msad.errors import UserError
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny(tmp: Path, cache: Path, role: str, name: str, *extra: str) -> Config:
-    """A config small enough for a few seconds per Ray run: 24 train / 6 val images, batch 2, 6 iterations."""
-    return load_config(REPO / "configs" / "cpu_base.yaml", [
-        f"train.role={role}", f"distributed.run_name={name}", f"distributed.storage_path={tmp}",
-        f"data.shapes.cache_dir={cache}", "data.shapes.num_train=24", "data.shapes.num_val=6",
-        "data.shapes.image_size=[96,128]", "data.shapes.object_size=[8,40]", "data.train_short_sides=[128]",
-        "data.test_short_side=128", "data.num_workers=0", "model.fpn_channels=32", "model.gn_groups=8",
-        "train.iterations=6", "train.batch_per_worker=2", "train.lr_steps=[5]", "train.warmup_iters=2",
-        "train.checkpoint_period=2", "train.eval_period=6", "train.log_period=1", "train.kd_warmup_iters=2",
-        "distributed.num_workers=2", "distributed.max_failures=0", *extra])
-
-
-@pytest.fixture(scope="module")
-def teacher_run(ray_session: None, tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path):
-    tmp = tmp_path_factory.mktemp("teacher")
-    cfg = tiny(tmp, shapes_cache, "teacher", "teacher")
-    return cfg, fit(cfg)
 
 
 def test_teacher_two_workers_reports_metrics_and_checkpoints(teacher_run) -> None:
@@ -57,9 +35,9 @@ def test_teacher_two_workers_reports_metrics_and_checkpoints(teacher_run) -> Non
     assert all({"image_id", "category_id", "bbox", "score"} <= set(r) for r in results)
 
 
-def test_student_two_workers_distils_from_teacher(teacher_run, tmp_path: Path, shapes_cache: Path) -> None:
+def test_student_two_workers_distils_from_teacher(tiny_config, teacher_run, tmp_path: Path, shapes_cache: Path) -> None:
     _, teacher = teacher_run
-    cfg = tiny(tmp_path, shapes_cache, "student", "student", f"train.teacher_checkpoint={teacher.checkpoint}")
+    cfg = tiny_config(tmp_path, shapes_cache, "student", "student", f"train.teacher_checkpoint={teacher.checkpoint}")
     result = fit(cfg)
     m = result.metrics
     assert m["iteration"] == 6 and m["loss_kd"] > 0 and m["kd_weight"] == pytest.approx(0.2)
@@ -68,15 +46,15 @@ def test_student_two_workers_distils_from_teacher(teacher_run, tmp_path: Path, s
     assert not any(k.startswith("fusion") for k in state["model"])  # the teacher is not in the student's file
 
 
-def test_one_worker_batch_4_matches_two_workers_batch_2(ray_session: None, tmp_path: Path,
+def test_one_worker_batch_4_matches_two_workers_batch_2(tiny_config, ray_session: None, tmp_path: Path,
                                                         shapes_cache: Path) -> None:
     """Same images per global step, identically augmented (seeded sampler and augmentation), summed FCOS
     normalisers and averaged gradients: the curves differ only through per-worker BN statistics (2 vs 4 images;
     SyncBN removes that on GPUs). Stated tolerance: 3% relative per loss term at every one of 6 iterations."""
     common = ("train.eval_period=0", "train.checkpoint_period=6", "train.base_lr=0.002", "data.hflip_prob=0.5")
-    one = fit(tiny(tmp_path, shapes_cache, "fcos", "one", "distributed.num_workers=1",
+    one = fit(tiny_config(tmp_path, shapes_cache, "fcos", "one", "distributed.num_workers=1",
                    "train.batch_per_worker=4", *common))
-    two = fit(tiny(tmp_path, shapes_cache, "fcos", "two", "distributed.num_workers=2",
+    two = fit(tiny_config(tmp_path, shapes_cache, "fcos", "two", "distributed.num_workers=2",
                    "train.batch_per_worker=2", *common))
     curve_one = load_checkpoint(one.checkpoint)["history"]
     curve_two = load_checkpoint(two.checkpoint)["history"]
@@ -87,8 +65,9 @@ def test_one_worker_batch_4_matches_two_workers_batch_2(ray_session: None, tmp_p
     assert curve_one[-1]["loss_cls"] < curve_one[0]["loss_cls"]  # and they are learning, not flat
 
 
-def test_worker_failure_restarts_from_last_checkpoint(ray_session: None, tmp_path: Path, shapes_cache: Path) -> None:
-    cfg = tiny(tmp_path, shapes_cache, "fcos", "faulty", "distributed.max_failures=1", "train.eval_period=0")
+def test_worker_failure_restarts_from_last_checkpoint(tiny_config, ray_session: None, tmp_path: Path,
+                                                     shapes_cache: Path) -> None:
+    cfg = tiny_config(tmp_path, shapes_cache, "fcos", "faulty", "distributed.max_failures=1", "train.eval_period=0")
     result = fit(cfg, fail_once_at=(5, tmp_path / "failed-once"))
     assert (tmp_path / "failed-once").exists()
     state = load_checkpoint(result.checkpoint)
@@ -96,9 +75,9 @@ def test_worker_failure_restarts_from_last_checkpoint(ray_session: None, tmp_pat
     assert state["resumed_from"] == [4]  # failed at 5, lost one iteration (< one checkpoint interval)
 
 
-def test_interrupted_run_resumes_and_skips_a_corrupt_checkpoint(ray_session: None, tmp_path: Path,
+def test_interrupted_run_resumes_and_skips_a_corrupt_checkpoint(tiny_config, ray_session: None, tmp_path: Path,
                                                                 shapes_cache: Path) -> None:
-    cfg = tiny(tmp_path, shapes_cache, "fcos", "again", "train.eval_period=0", "train.keep_checkpoints=3")
+    cfg = tiny_config(tmp_path, shapes_cache, "fcos", "again", "train.eval_period=0", "train.keep_checkpoints=3")
     with pytest.raises(RunFailedError, match="injected failure at iteration 5"):
         fit(cfg, fail_once_at=(5, tmp_path / "crash"))
     run_dir = tmp_path / "again"
@@ -109,32 +88,32 @@ def test_interrupted_run_resumes_and_skips_a_corrupt_checkpoint(ray_session: Non
     assert state["iteration"] == 6 and state["resumed_from"] == [2]  # the corrupt one skipped, the previous used
 
 
-def test_changed_config_under_the_same_name_is_refused(tmp_path: Path, shapes_cache: Path) -> None:
-    prepare_run(tiny(tmp_path, shapes_cache, "fcos", "same"))
+def test_changed_config_under_the_same_name_is_refused(tiny_config, tmp_path: Path, shapes_cache: Path) -> None:
+    prepare_run(tiny_config(tmp_path, shapes_cache, "fcos", "same"))
     with pytest.raises(UserError, match=r"exists with another config \(train.base_lr: 0.01 -> 0.02\)"):
-        prepare_run(tiny(tmp_path, shapes_cache, "fcos", "same", "train.base_lr=0.02"))
+        prepare_run(tiny_config(tmp_path, shapes_cache, "fcos", "same", "train.base_lr=0.02"))
 
 
-def test_student_teacher_guards_before_workers(teacher_run, tmp_path: Path, shapes_cache: Path) -> None:
+def test_student_teacher_guards_before_workers(tiny_config, teacher_run, tmp_path: Path, shapes_cache: Path) -> None:
     _, teacher = teacher_run
     missing = tmp_path / "nope.pt"
     with pytest.raises(UserError, match=f"{missing}: checkpoint not found"):
-        prepare_run(tiny(tmp_path, shapes_cache, "student", "s1", f"train.teacher_checkpoint={missing}"))
+        prepare_run(tiny_config(tmp_path, shapes_cache, "student", "s1", f"train.teacher_checkpoint={missing}"))
     with pytest.raises(UserError, match="teacher width 0.25 differs from model.width 0.5"):
-        prepare_run(tiny(tmp_path, shapes_cache, "student", "s2", f"train.teacher_checkpoint={teacher.checkpoint}",
-                         "model.width=0.5"))
+        prepare_run(tiny_config(tmp_path, shapes_cache, "student", "s2",
+                                f"train.teacher_checkpoint={teacher.checkpoint}", "model.width=0.5"))
     state = load_checkpoint(teacher.checkpoint)
     student_file = save_checkpoint({**state, "role": "student"}, tmp_path / "student.pt")
     with pytest.raises(UserError, match="must be a teacher checkpoint, this one is a 'student'"):
-        prepare_run(tiny(tmp_path, shapes_cache, "student", "s3", f"train.teacher_checkpoint={student_file}"))
+        prepare_run(tiny_config(tmp_path, shapes_cache, "student", "s3", f"train.teacher_checkpoint={student_file}"))
 
 
-def test_non_finite_loss_stops_with_iteration_and_term(tmp_path: Path, shapes_cache: Path) -> None:
+def test_non_finite_loss_stops_with_iteration_and_term(tiny_config, tmp_path: Path, shapes_cache: Path) -> None:
     from msad.build import resolve_data_paths
     from msad.engine.loop import NonFiniteLossError, run_training
     from msad.engine.trainer import LocalContext
 
-    cfg = tiny(tmp_path, shapes_cache, "fcos", "nan", "train.base_lr=1e30", "train.warmup_iters=0",
+    cfg = tiny_config(tmp_path, shapes_cache, "fcos", "nan", "train.base_lr=1e30", "train.warmup_iters=0",
                "train.iterations=20", "train.lr_steps=[]", "train.checkpoint_period=20")
     ctx = LocalContext(device=torch.device("cpu"), run_dir=tmp_path / "nan")
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at iteration \d+: loss_\w+=(nan|inf)"):
