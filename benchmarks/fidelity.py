@@ -1,0 +1,317 @@
+"""Learning and MSAD fidelity on the built-in dataset: do the paper's qualitative claims hold at CPU scale?
+
+Trains, in this one process (msad.engine.loop.run_training with a LocalContext, no Ray), on the same schedule:
+
+  fcos_h     plain FCOS at H (short side 256)
+  fcos_l     plain FCOS at L (images resized to short side 128 directly; P3..P7 of L)
+  teacher    MSAD teacher (H & L, C-FF); evaluated on its fused, H-only and L-only branches
+  student_nokd  student on L, initialised from the teacher, kd_alpha 0 (the "L only + P2" baseline)
+  student    MSAD student on L, initialised from the teacher, kd_alpha 0.2, T 3
+  teacher_aa / student_aa   (--low-res-modes antialias) the same two with data.low_res_mode=antialias
+
+and reports COCO AP / AP50 / APs on the whole val set and on its two halves (even / odd image ids), whose spread
+estimates the evaluation noise. Checks: fused teacher > H-only; MSAD student > no-KD student; fraction of the
+FCOS_L -> FCOS_H gap the student closes.
+
+    python benchmarks/fidelity.py --iterations 300 --batch 8 --out runs/fidelity
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msad.build import DataPaths, build_model, build_val_dataset, resolve_data_paths
+from msad.config import Config, load_config
+from msad.data.coco import CocoDetection
+from msad.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from msad.engine.evaluate import coco_evaluate
+from msad.engine.loop import RESULTS_FILE, evaluate, run_training
+from msad.engine.trainer import LocalContext
+
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cpu_base.yaml"
+REFERENCE_BATCH, REFERENCE_LR = 8, 0.01  # cpu_base.yaml's lr is for batch 8; other batches scale it linearly
+METRICS = ("AP", "AP50", "APs")
+CHECKPOINT_PERIOD = 50  # a killed run resumes from here (LocalContext restores the newest checkpoint)
+SCORE_FILE = "score{}.json"
+
+
+class PrintingContext(LocalContext):
+    """LocalContext that prints each report (a background run's log shows progress) and keeps the wall time.
+
+    The seconds this process has trained are rewritten to `segments.json` at every report, so a run that is killed
+    and resumed from its last checkpoint still adds up its wall time over all the processes that trained it.
+    """
+
+    def __init__(self, run_dir: Path, label: str) -> None:
+        super().__init__(torch.device("cpu"), run_dir)
+        self.label = label
+        self.segments_file = run_dir / "segments.json"
+        self.earlier = json.loads(self.segments_file.read_text()) if self.segments_file.is_file() else []
+        self.start = time.perf_counter()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, iteration: int) -> None:
+        line = (f"[{self.label}] it {iteration:4d} loss {metrics.get('loss_total', float('nan')):.3f} "
+                f"lr {metrics.get('lr', 0):.5f} kd_w {metrics.get('kd_weight', 0):.3f} "
+                f"img/s {metrics.get('images_per_sec_per_worker', 0):.2f}")
+        if "AP" in metrics:
+            line += f" AP {100 * metrics['AP']:.1f}"
+        print(line, flush=True)
+        super().report(metrics, checkpoint_dir, iteration)
+        if checkpoint_dir is not None:  # keep only the newest checkpoint (each holds full-width weights)
+            for old in sorted(self.run_dir.glob("checkpoint_*"))[:-1]:
+                shutil.rmtree(old)
+        segment = {"until_iteration": iteration, "seconds": time.perf_counter() - self.start}
+        self.segments_file.write_text(json.dumps([*self.earlier, segment]))
+
+    @property
+    def wall_s(self) -> float:
+        """Training wall time over every process that trained this run (resumed segments included)."""
+        return sum(s["seconds"] for s in self.earlier) + time.perf_counter() - self.start
+
+
+@dataclass
+class Score:
+    """One model (or teacher branch) on the whole val set and on its two halves."""
+
+    name: str
+    description: str
+    full: dict[str, float]
+    halves: tuple[dict[str, float], dict[str, float]]
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    losses: dict[str, float] = field(default_factory=dict)
+    segments: int = 1  # processes that trained it (> 1: killed and resumed from a checkpoint)
+
+
+def schedule_overrides(iterations: int, batch: int) -> list[str]:
+    """The cpu_base schedule (300 it: warm-up 50, steps 200/260, KD ramp 50) scaled to `iterations` and `batch`."""
+    steps = sorted({max(1, round(iterations * 2 / 3)), max(2, round(iterations * 0.87))})
+    steps = [s for s in steps if s < iterations]
+    warmup = max(1, round(iterations / 6))
+    return [f"train.iterations={iterations}", f"train.batch_per_worker={batch}",
+            f"train.base_lr={REFERENCE_LR * batch / REFERENCE_BATCH}", f"train.warmup_iters={warmup}",
+            f"train.lr_steps={steps}", f"train.kd_warmup_iters={warmup}",
+            f"train.checkpoint_period={min(CHECKPOINT_PERIOD, iterations)}", "train.eval_period=0",
+            "train.log_period=10"]
+
+
+def checkpoint_of(run_dir: Path, iterations: int) -> Path:
+    return run_dir / f"checkpoint_{iterations:07d}" / CHECKPOINT_FILE
+
+
+def rescore(val_set: CocoDetection, results_json: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """AP of saved detections on the even- and odd-indexed halves of the val images (no new inference)."""
+    results = json.loads(results_json.read_text())
+    ids = sorted(val_set.image_ids)
+    return tuple(coco_evaluate(val_set.coco, results, image_ids=half) for half in (ids[0::2], ids[1::2]))
+
+
+class Fidelity:
+    """Runs the trainings in one process and scores them."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.out).resolve()
+        self.common = [*schedule_overrides(args.iterations, args.batch),
+                       f"data.shapes.num_val={args.num_val}", f"data.num_workers={args.loader_workers}",
+                       f"train.seed={args.seed}"]
+        self.scores: list[Score] = []
+        if args.include is not None:
+            earlier = json.loads(args.include.read_text())["scores"]
+            self.scores = [Score(**{**s, "halves": tuple(s["halves"])}) for s in earlier]
+        base = load_config(BASE_CONFIG, self.common)
+        self.paths: DataPaths = resolve_data_paths(base.data)  # generate the dataset once, before any timing
+
+    def config(self, name: str, extra: list[str]) -> Config:
+        return load_config(BASE_CONFIG, [*self.common, f"distributed.run_name={name}", *extra])
+
+    def cached(self, run_dir: Path, key: str, cfg: Config) -> Score | None:
+        """A score saved by an earlier process for the same config, unless --fresh."""
+        path = run_dir / SCORE_FILE.format(key)
+        if self.args.fresh or not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        if saved["config"] != cfg.to_dict():
+            return None
+        score = Score(**{**saved["score"], "halves": tuple(saved["score"]["halves"])})
+        print(f"[{score.name}] reusing the finished run's score: " + fmt(score.full), flush=True)
+        self.scores.append(score)
+        return score
+
+    def keep(self, run_dir: Path, key: str, cfg: Config, score: Score) -> None:
+        self.scores.append(score)
+        path = run_dir / SCORE_FILE.format(key)
+        path.write_text(json.dumps({"config": cfg.to_dict(), "score": score.__dict__}, indent=2))
+        self.write()
+
+    def train(self, name: str, description: str, extra: list[str]) -> tuple[Config, Path]:
+        """Train one run in `out/name` (resuming an interrupted one of the same config); returns its config and
+        final checkpoint."""
+        cfg = self.config(name, extra)
+        run_dir = self.out / name
+        checkpoint = checkpoint_of(run_dir, cfg.train.iterations)
+        if self.cached(run_dir, "", cfg) is not None and checkpoint.is_file():
+            return cfg, checkpoint
+        config_file = run_dir / "config.json"
+        if self.args.fresh or not config_file.is_file() or json.loads(config_file.read_text()) != cfg.to_dict():
+            shutil.rmtree(run_dir, ignore_errors=True)  # LocalContext would resume from a stale checkpoint
+            run_dir.mkdir(parents=True)
+            config_file.write_text(json.dumps(cfg.to_dict()))
+        ctx = PrintingContext(run_dir, name)
+        state = run_training(cfg, self.paths, ctx)
+        final = ctx.reports[-1]
+        val_set = build_val_dataset(cfg, self.paths)
+        halves = rescore(val_set, checkpoint.parent / RESULTS_FILE)
+        losses = {k: float(v) for k, v in final.items() if k.startswith("loss")}
+        score = Score(name, description, {k: final[k] for k in METRICS}, halves, ctx.wall_s, losses=losses,
+                      segments=len(state.resumed_from) + 1)
+        print(f"[{name}] done, {ctx.wall_s:.0f} s training: " + fmt(score.full), flush=True)
+        self.keep(run_dir, "", cfg, score)
+        return cfg, checkpoint
+
+    def teacher_branches(self, name: str, cfg: Config, checkpoint: Path) -> None:
+        """Score the teacher's H-only and L-only branches (the loop already scored the fused one)."""
+        run_dir = self.out / name
+        todo = [b for b in ("high", "low") if self.cached(run_dir, f"_{b}", cfg) is None]
+        if not todo:
+            return
+        model = build_model(cfg)
+        model.load_state_dict(load_checkpoint(checkpoint)["model"])
+        val_set = build_val_dataset(cfg, self.paths)
+        ctx = LocalContext(torch.device("cpu"))
+        for branch in todo:
+            results_json = run_dir / f"{branch}_{RESULTS_FILE}"
+            start = time.perf_counter()
+            full = evaluate(model, val_set, cfg, ctx, output_json=results_json, branch=branch)
+            elapsed = time.perf_counter() - start
+            label = {"high": "H only", "low": "L only"}[branch]
+            score = Score(f"{name}:{branch}", f"teacher branch {label}", {k: full[k] for k in METRICS},
+                          rescore(val_set, results_json), eval_s=elapsed)
+            print(f"[{name}:{branch}] eval {elapsed:.0f} s: " + fmt(score.full), flush=True)
+            self.keep(run_dir, f"_{branch}", cfg, score)
+
+    def run(self) -> None:
+        teacher_tag = {"nearest": "", "antialias": "_aa"}
+        runs = set(self.args.runs)
+        for mode in self.args.low_res_modes:
+            tag = teacher_tag[mode]
+            mode_override = [f"data.low_res_mode={mode}"]
+            if not {"teacher", "student", "student_nokd"} & runs:
+                continue
+            cfg, teacher_ckpt = self.train(f"teacher{tag}", f"MSAD teacher, fused (L: {mode})",
+                                              ["train.role=teacher", *mode_override])
+            self.teacher_branches(f"teacher{tag}", cfg, teacher_ckpt)
+            student = ["train.role=student", f"train.teacher_checkpoint={teacher_ckpt}", *mode_override]
+            if "student_nokd" in runs and mode == "nearest":
+                self.train("student_nokd", "student at L, no KD (alpha 0)", [*student, "train.kd_alpha=0"])
+            if "student" in runs:
+                self.train(f"student{tag}", f"MSAD student at L (alpha 0.2, T 3; L: {mode})",
+                           [*student, "train.kd_alpha=0.2", "train.kd_temperature=3.0"])
+        if "fcos_h" in runs:
+            self.train("fcos_h", "plain FCOS at H (256)", ["train.role=fcos"])
+        if "fcos_l" in runs:
+            self.train("fcos_l", "plain FCOS at L (128, resized directly)",
+                       ["train.role=fcos", "data.train_short_sides=[128]", "data.test_short_side=128",
+                        "data.max_size=192", "data.size_divisibility=128"])
+
+    def write(self) -> None:
+        args = {**vars(self.args), "include": str(self.args.include) if self.args.include else None}
+        payload = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": args,
+                   "overrides": self.common, "torch_threads": torch.get_num_threads(),
+                   "scores": [s.__dict__ for s in self.scores]}
+        (self.out / "results.json").write_text(json.dumps(payload, indent=2))
+        (self.out / "results.md").write_text(markdown(self.scores))
+
+
+def fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k} {100 * metrics[k]:.1f}" for k in METRICS)
+
+
+def _by_name(scores: list[Score]) -> dict[str, Score]:
+    return {s.name: s for s in scores}
+
+
+def _gap_closed(s: float, low: float, high: float) -> str:
+    return f"{(s - low) / (high - low):.2f}" if high != low else "n/a"
+
+
+def claims(scores: list[Score]) -> Iterator[str]:
+    """The paper's qualitative claims, checked on the full set and on each val half."""
+    by = _by_name(scores)
+
+    def compare(a: str, b: str, claim: str) -> Iterator[str]:
+        if a in by and b in by:
+            parts = [by[a].full, *by[a].halves], [by[b].full, *by[b].halves]
+            diffs = [100 * (x["AP"] - y["AP"]) for x, y in zip(*parts, strict=True)]
+            verdict = "holds" if diffs[0] > 0 else "fails"
+            yield (f"- {claim}: {verdict} (AP difference {diffs[0]:+.1f}; on the val halves "
+                   f"{diffs[1]:+.1f} / {diffs[2]:+.1f})")
+
+    yield from compare("teacher", "teacher:high", "fused teacher beats its H-only branch")
+    yield from compare("student", "student_nokd", "MSAD student beats the no-KD student")
+    yield from compare("teacher_aa", "teacher", "antialias L beats nearest L (teacher, fused)")
+    yield from compare("student_aa", "student", "antialias L beats nearest L (MSAD student)")
+    if {"student", "fcos_h", "fcos_l"} <= by.keys():
+        parts = zip([by["student"].full, *by["student"].halves], [by["fcos_l"].full, *by["fcos_l"].halves],
+                    [by["fcos_h"].full, *by["fcos_h"].halves], strict=True)
+        closed = [_gap_closed(s[m], lo[m], h[m]) for s, lo, h in parts for m in ("AP",)]
+        yield (f"- fraction of the FCOS_L -> FCOS_H AP gap closed by the MSAD student: {closed[0]} "
+               f"(val halves {closed[1]} / {closed[2]})")
+    if {"student_nokd", "fcos_h", "fcos_l"} <= by.keys():
+        s, lo, h = by["student_nokd"].full, by["fcos_l"].full, by["fcos_h"].full
+        closed = _gap_closed(s["AP"], lo["AP"], h["AP"])
+        yield f"- the same fraction for the no-KD student (P2 of L, teacher init): {closed}"
+
+
+def markdown(scores: list[Score]) -> str:
+    lines = ["| run | model | AP | AP50 | APs | AP val half A / B | train s | eval s |",
+             "|-----|-------|---:|-----:|----:|------------------:|--------:|-------:|"]
+    for s in scores:
+        half = " / ".join(f"{100 * h['AP']:.1f}" for h in s.halves)
+        lines.append(f"| {s.name} | {s.description} | " + " | ".join(f"{100 * s.full[k]:.1f}" for k in METRICS)
+                     + f" | {half} | {s.train_s:.0f} | {s.eval_s:.0f} |")
+    return "\n".join([*lines, "", *claims(scores), ""])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=300, help="training iterations of every run")
+    parser.add_argument("--batch", type=int, default=8, help="images per iteration (lr scales linearly from 8)")
+    parser.add_argument("--out", default="runs/fidelity", help="output folder (run folders, results.json/.md)")
+    parser.add_argument("--num-val", type=int, default=128, help="validation images of the built-in dataset")
+    parser.add_argument("--loader-workers", type=int, default=1, help="DataLoader processes")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (weights init and data order)")
+    parser.add_argument("--runs", nargs="+", default=["fcos_h", "fcos_l", "teacher", "student_nokd", "student"],
+                        choices=["fcos_h", "fcos_l", "teacher", "student_nokd", "student"],
+                        help="which trainings to run (a student needs the teacher, which is then trained too)")
+    parser.add_argument("--low-res-modes", nargs="+", default=["nearest"], choices=["nearest", "antialias"],
+                        help="how L is made from H for teacher and students (antialias runs are tagged _aa)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="retrain everything; by default finished runs of the same config in --out are reused "
+                        "and interrupted ones resume from their last checkpoint")
+    parser.add_argument("--include", type=Path, default=None,
+                        help="results.json of an earlier run whose scores join the table and the checks")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    fidelity = Fidelity(args)
+    fidelity.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    fidelity.run()
+    print(f"\n{markdown(fidelity.scores)}\ntotal {time.perf_counter() - start:.0f} s; written to {fidelity.out}")
+
+
+if __name__ == "__main__":
+    main()
