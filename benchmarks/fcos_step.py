@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import fcos_resnet50_fpn
 
 from msad.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -148,6 +149,14 @@ def print_breakdown(title: str, records: list[dict[str, float]]) -> None:
         print(f"  {part:<26s} {value:7.3f} s  {100 * value / total:5.1f} %")
 
 
+def step_gflops(step: Callable[[], dict[str, float]]) -> float:
+    """FLOPs of one whole step (forward, backward, optimizer) as torch's FLOP counter sees them, in GFLOPs."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops() / 1e9
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="timed steps per model (interleaved)")
@@ -158,6 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--boxes", type=int, default=5, help="random boxes per image")
     parser.add_argument("--classes", type=int, default=80, help="foreground classes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-flops", action="store_true", help="skip counting the FLOPs of one step of each")
     return parser.parse_args(argv)
 
 
@@ -192,6 +202,10 @@ def main(argv: list[str] | None = None) -> None:
         ours_parts, tv_parts = interleave([ours, tv.parts], args.breakdown_steps)
         print_breakdown("ours, breakdown steps", ours_parts)
         print_breakdown("torchvision, breakdown steps (forward body split at its seams)", tv_parts)
+    if not args.no_flops:
+        ours_gflops, tv_gflops = step_gflops(ours), step_gflops(tv)
+        print(f"\nFLOPs per step (torch.utils.flop_counter): ours {ours_gflops:.1f} G, torchvision {tv_gflops:.1f} G, "
+              f"ratio {ours_gflops / tv_gflops:.3f}")
 
 
 if __name__ == "__main__":

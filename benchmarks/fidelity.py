@@ -160,7 +160,7 @@ class Fidelity:
         cfg = self.config(name, extra)
         run_dir = self.out / name
         checkpoint = checkpoint_of(run_dir, cfg.train.iterations)
-        if self.cached(run_dir, "", cfg) is not None and checkpoint.is_file():
+        if checkpoint.is_file() and self.cached(run_dir, "", cfg) is not None:
             return cfg, checkpoint
         config_file = run_dir / "config.json"
         if self.args.fresh or not config_file.is_file() or json.loads(config_file.read_text()) != cfg.to_dict():
@@ -209,7 +209,7 @@ class Fidelity:
             if not {"teacher", "student", "student_nokd"} & runs:
                 continue
             cfg, teacher_ckpt = self.train(f"teacher{tag}", f"MSAD teacher, fused (L: {mode})",
-                                              ["train.role=teacher", *mode_override])
+                                           ["train.role=teacher", *mode_override])
             self.teacher_branches(f"teacher{tag}", cfg, teacher_ckpt)
             student = ["train.role=student", f"train.teacher_checkpoint={teacher_ckpt}", *mode_override]
             if "student_nokd" in runs and mode == "nearest":
