@@ -7,6 +7,7 @@ Trains, in this one process (msad.engine.loop.run_training with a LocalContext, 
   teacher    MSAD teacher (H & L, C-FF); evaluated on its fused, H-only and L-only branches
   student_nokd  student on L, initialised from the teacher, kd_alpha 0 (the "L only + P2" baseline)
   student    MSAD student on L, initialised from the teacher, kd_alpha 0.2, T 3
+  student_scratch  (opt-in) student on L, kd_alpha 0, random init: separates the P2 level from the teacher's init
   teacher_aa / student_aa   (--low-res-modes antialias) the same two with data.low_res_mode=antialias
 
 and reports COCO AP / AP50 / APs on the whole val set and on its two halves (even / odd image ids), whose spread
@@ -90,7 +91,7 @@ class Score:
     train_s: float = 0.0
     eval_s: float = 0.0
     losses: dict[str, float] = field(default_factory=dict)
-    segments: int = 1  # processes that trained it (> 1: killed and resumed from a checkpoint)
+    segments: int = 1  # processes that trained it (> 1: killed and resumed; train_s then includes redone steps)
 
 
 def schedule_overrides(iterations: int, batch: int) -> list[str]:
@@ -168,13 +169,13 @@ class Fidelity:
             run_dir.mkdir(parents=True)
             config_file.write_text(json.dumps(cfg.to_dict()))
         ctx = PrintingContext(run_dir, name)
-        state = run_training(cfg, self.paths, ctx)
+        run_training(cfg, self.paths, ctx)
         final = ctx.reports[-1]
         val_set = build_val_dataset(cfg, self.paths)
         halves = rescore(val_set, checkpoint.parent / RESULTS_FILE)
         losses = {k: float(v) for k, v in final.items() if k.startswith("loss")}
         score = Score(name, description, {k: final[k] for k in METRICS}, halves, ctx.wall_s, losses=losses,
-                      segments=len(state.resumed_from) + 1)
+                      segments=len(ctx.earlier) + 1)
         print(f"[{name}] done, {ctx.wall_s:.0f} s training: " + fmt(score.full), flush=True)
         self.keep(run_dir, "", cfg, score)
         return cfg, checkpoint
@@ -206,7 +207,7 @@ class Fidelity:
         for mode in self.args.low_res_modes:
             tag = teacher_tag[mode]
             mode_override = [f"data.low_res_mode={mode}"]
-            if not {"teacher", "student", "student_nokd"} & runs:
+            if not {"teacher", "student", "student_nokd", "student_scratch"} & runs:
                 continue
             cfg, teacher_ckpt = self.train(f"teacher{tag}", f"MSAD teacher, fused (L: {mode})",
                                            ["train.role=teacher", *mode_override])
@@ -214,6 +215,9 @@ class Fidelity:
             student = ["train.role=student", f"train.teacher_checkpoint={teacher_ckpt}", *mode_override]
             if "student_nokd" in runs and mode == "nearest":
                 self.train("student_nokd", "student at L, no KD (alpha 0)", [*student, "train.kd_alpha=0"])
+            if "student_scratch" in runs and mode == "nearest":
+                self.train("student_scratch", "student at L, no KD, random init (not the teacher's)",
+                           [*student, "train.kd_alpha=0", "train.init_from_teacher=false"])
             if "student" in runs:
                 self.train(f"student{tag}", f"MSAD student at L (alpha 0.2, T 3; L: {mode})",
                            [*student, "train.kd_alpha=0.2", "train.kd_temperature=3.0"])
@@ -223,6 +227,7 @@ class Fidelity:
             self.train("fcos_l", "plain FCOS at L (128, resized directly)",
                        ["train.role=fcos", "data.train_short_sides=[128]", "data.test_short_side=128",
                         "data.max_size=192", "data.size_divisibility=128"])
+        self.write()
 
     def write(self) -> None:
         args = {**vars(self.args), "include": str(self.args.include) if self.args.include else None}
@@ -259,6 +264,8 @@ def claims(scores: list[Score]) -> Iterator[str]:
 
     yield from compare("teacher", "teacher:high", "fused teacher beats its H-only branch")
     yield from compare("student", "student_nokd", "MSAD student beats the no-KD student")
+    yield from compare("student_scratch", "fcos_l", "L on P2..P6 (student layout, random init) beats plain FCOS at L")
+    yield from compare("student_nokd", "student_scratch", "initialising the student from the teacher helps (no KD)")
     yield from compare("teacher_aa", "teacher", "antialias L beats nearest L (teacher, fused)")
     yield from compare("student_aa", "student", "antialias L beats nearest L (MSAD student)")
     if {"student", "fcos_h", "fcos_l"} <= by.keys():
@@ -292,7 +299,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loader-workers", type=int, default=1, help="DataLoader processes")
     parser.add_argument("--seed", type=int, default=0, help="training seed (weights init and data order)")
     parser.add_argument("--runs", nargs="+", default=["fcos_h", "fcos_l", "teacher", "student_nokd", "student"],
-                        choices=["fcos_h", "fcos_l", "teacher", "student_nokd", "student"],
+                        choices=["fcos_h", "fcos_l", "teacher", "student_nokd", "student", "student_scratch"],
                         help="which trainings to run (a student needs the teacher, which is then trained too)")
     parser.add_argument("--low-res-modes", nargs="+", default=["nearest"], choices=["nearest", "antialias"],
                         help="how L is made from H for teacher and students (antialias runs are tagged _aa)")

@@ -129,7 +129,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while not list(student_run.glob("checkpoint_0*/checkpoint.pt")):  # the student is part-way through
+        # the student is part-way through: Train has registered a checkpoint (a checkpoint folder alone may not be
+        # registered yet when Ctrl-C lands, and then the resumed run rightly starts from scratch)
+        snapshot = student_run / "checkpoint_manager_snapshot.json"
+        while not (snapshot.is_file() and '"checkpoint_0' in snapshot.read_text()):
             assert proc.poll() is None and time.time() < deadline, "the sweep ended before it could be interrupted"
             time.sleep(0.5)
         proc.send_signal(signal.SIGINT)  # Ctrl-C

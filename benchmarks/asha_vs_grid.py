@@ -1,0 +1,122 @@
+"""ASHA against the full grid on a KD sweep: the compute each spends, and whether both pick the same best student.
+
+The sweep file (`sweeps/kd_weights.yaml` by default) is run twice, unchanged except for the scheduler, from a fresh
+`launch.py` process each: once with its own ASHA scheduler, once with FIFO (every student to the end). Both runs
+are students-only sweeps against one given teacher checkpoint (`--teacher`), so the two arms distil from the same
+teacher and neither pays for training it. Compute is counted as iterations trained (read from every trial's own
+results) and trial-seconds; the best student is the one with the highest final AP among those that finished.
+
+    python benchmarks/asha_vs_grid.py --teacher runs/fidelity/teacher/checkpoint_0000300/checkpoint.pt \
+        [--sweep sweeps/kd_weights.yaml] [--out runs/asha_vs_grid]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from msad.sweep.report import read_trial_summaries  # noqa: E402
+
+
+def derived_sweep(source: Path, out: Path, name: str, teacher: Path, asha: bool) -> Path:
+    """`source` as a students-only sweep against `teacher`, named `name`, under `out`; FIFO unless `asha`."""
+    spec = yaml.safe_load(source.read_text())
+    spec["name"] = name
+    spec["base"] = str((source.parent / spec["base"]).resolve())
+    spec.setdefault("config", {}).setdefault("distributed", {})["storage_path"] = str(out / "runs")
+    widths = spec["students"]["grid"]["model.width"]
+    spec.pop("teachers", None)
+    spec["students"]["teacher_checkpoints"] = {float(w): str(teacher) for w in widths}
+    if not asha:
+        spec["scheduler"] = {"type": "fifo"}
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def iterations_trained(experiment: Path) -> dict[str, int]:
+    """Each trial's last reported iteration, from Tune's own per-trial result.json."""
+    done = {}
+    for result in experiment.glob("*/result.json"):
+        lines = result.read_text().splitlines()
+        if lines:
+            last = json.loads(lines[-1])
+            done[last["config"]["trial_name"]] = int(last["iteration"])
+    return done
+
+
+def run_arm(source: Path, out: Path, teacher: Path, asha: bool) -> dict[str, Any]:
+    name = f"{source.stem}_{'asha' if asha else 'grid'}"
+    path = derived_sweep(source, out, name, teacher, asha)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.setdefault("WANDB_MODE", "offline")
+    start = time.time()
+    with (out / f"{name}.log").open("w") as log:
+        code = subprocess.run([sys.executable, str(REPO / "launch.py"), str(path)], cwd=out, env=env, stdout=log,
+                              stderr=subprocess.STDOUT).returncode
+    wall = time.time() - start
+    if code != 0:
+        raise RuntimeError(f"{name} exited {code}; see {out / (name + '.log')}")
+    rows = read_trial_summaries(out / "runs" / name)
+    trained = iterations_trained(out / "runs" / name)
+    finished = [r for r in rows if r.status == "TERMINATED" and r.AP is not None]
+    best = max(finished, key=lambda r: r.AP)
+    return {
+        "wall_s": round(wall, 1),
+        "iterations_trained": sum(trained.values()),
+        "trial_seconds": round(sum(r.ended_at - r.started_at for r in rows), 1),
+        "stopped_early": sorted(r.name for r in rows if r.status == "STOPPED"),
+        "best": best.name,
+        "trials": {r.name: {"status": r.status, "AP": r.AP, "iterations": trained.get(r.name)} for r in rows},
+    }
+
+
+def ranking(rows: dict[str, dict[str, Any]]) -> list[str]:
+    return sorted(rows, key=lambda n: -(rows[n]["AP"] or 0.0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", type=Path, default=REPO / "sweeps" / "kd_weights.yaml")
+    parser.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint of the sweep's width")
+    parser.add_argument("--out", type=Path, default=Path("runs/asha_vs_grid"))
+    args = parser.parse_args()
+    out = args.out.resolve()
+    if (out / "runs").exists():
+        sys.exit(f"error: {out / 'runs'} exists (an earlier run): pick a new --out; nothing was overwritten")
+    if not args.teacher.is_file():
+        sys.exit(f"error: --teacher {args.teacher}: file not found")
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = args.teacher.resolve()
+    arms = {"asha": run_arm(args.sweep.resolve(), out, teacher, asha=True),
+            "grid": run_arm(args.sweep.resolve(), out, teacher, asha=False)}
+    grid_order = ranking(arms["grid"]["trials"])
+    summary = {
+        "compute_ratio_iterations": round(arms["asha"]["iterations_trained"] / arms["grid"]["iterations_trained"], 3),
+        "compute_ratio_trial_seconds": round(arms["asha"]["trial_seconds"] / arms["grid"]["trial_seconds"], 3),
+        "wall_ratio": round(arms["asha"]["wall_s"] / arms["grid"]["wall_s"], 3),
+        "same_best": arms["asha"]["best"] == arms["grid"]["best"],
+        "asha_best_rank_in_grid": grid_order.index(arms["asha"]["best"]) + 1,
+        "grid_ranking": [(n, arms["grid"]["trials"][n]["AP"]) for n in grid_order],
+    }
+    (out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                  "arms": arms, "summary": summary}, indent=1))
+    for arm, r in arms.items():
+        best_ap = 100 * r["trials"][r["best"]]["AP"]
+        print(f"{arm}: {r['iterations_trained']} iterations, {r['trial_seconds']:.0f} trial-s,"
+              f" wall {r['wall_s']:.0f} s, stopped {len(r['stopped_early'])}, best {r['best']} (AP {best_ap:.1f})")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
