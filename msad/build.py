@@ -92,7 +92,8 @@ def build_model(cfg: Config) -> nn.Module:
 
 def build_teacher(cfg: Config) -> MSADTeacher:
     """The teacher as configured by `cfg` (also used to rebuild a trained teacher from its saved config)."""
-    return MSADTeacher(**_detector_kwargs(cfg.model), fusion=cfg.model.fusion, fusion_hidden=cfg.model.fusion_hidden,
+    m = cfg.model
+    return MSADTeacher(**_detector_kwargs(m), fusion=m.fusion, fusion_hidden=m.fusion_hidden, fusion_init=m.fusion_init,
                        joint_weight=cfg.train.fusion_joint_weight, low_res_mode=cfg.data.low_res_mode)
 
 

@@ -88,8 +88,9 @@ def test_odd_input_cannot_be_halved(teacher: MSADTeacher) -> None:
         teacher.fuse_aligned_levels(_images(201, 256, batch=1))
 
 
-def test_fusion_weights_sum_to_one_and_mix_the_pair(teacher: MSADTeacher) -> None:
-    teacher.eval()
+def test_fusion_weights_sum_to_one_and_mix_the_pair() -> None:
+    torch.manual_seed(1)
+    teacher = MSADTeacher(**TINY, fusion_init="xavier").eval()  # the original's init: unequal weights at the start
     with torch.no_grad():
         features = teacher.fuse_aligned_levels(_images(256, 512))
     weights = features.fusion_weights
@@ -100,6 +101,24 @@ def test_fusion_weights_sum_to_one_and_mix_the_pair(teacher: MSADTeacher) -> Non
         b = weights[:, level, 1, None, None, None]
         expected = a * features.high[level] + b * features.low[level]
         torch.testing.assert_close(features.fused[level], expected)
+
+
+def test_zero_init_fusion_starts_equal_and_learns_from_the_loss() -> None:
+    # Zero last layer: (0.5, 0.5) at every level whatever the features' scale, yet the loss reaches it, so one
+    # SGD step moves the weights (and the first layer starts learning once the last is no longer zero).
+    torch.manual_seed(3)
+    model = MSADTeacher(**TINY).train()
+    images = _images(256, 256)
+    sum(model(images, _targets()).values()).backward()
+    assert set(model.fusion_metrics()) == {f"fusion_high_p{k}" for k in range(3, 8)}
+    assert all(value.item() == 0.5 for value in model.fusion_metrics().values())
+    assert model.fusion.fc[2].weight.grad.abs().sum() > 0
+    torch.optim.SGD(model.fusion.parameters(), lr=1.0).step()
+    with torch.no_grad():
+        moved = model.fuse_aligned_levels(images).fusion_weights[..., 0]
+    assert (moved - 0.5).abs().max() > 1e-4
+    with pytest.raises(UserError, match="model.fusion_init"):
+        CrossLevelFusion(channels=32, init="uniform")
 
 
 def test_fusion_module_matches_the_original_layout() -> None:

@@ -248,7 +248,8 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext,
             kd_warmup.step()
             state.iteration += 1
             window_steps += 1
-            for name, value in losses.items():
+            diagnostics = unwrap(model).fusion_metrics() if isinstance(unwrap(model), MSADTeacher) else {}
+            for name, value in {**losses, **diagnostics}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
 
             is_last = state.iteration == t.iterations
@@ -256,7 +257,7 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext,
             if state.iteration % t.log_period == 0 or save_now:
                 elapsed = time.perf_counter() - window_start
                 metrics = _mean_over_workers(sums, window_steps, ctx)
-                metrics["loss_total"] = sum(metrics.values())
+                metrics["loss_total"] = sum(v for k, v in metrics.items() if k.startswith("loss_"))
                 metrics.update(iteration=state.iteration, epoch=epoch, lr=optimizer.param_groups[0]["lr"],
                                kd_weight=kd_warmup.weight if t.role == "student" else 0.0,
                                images_per_sec_per_worker=window_steps * t.batch_per_worker / max(elapsed, 1e-9))

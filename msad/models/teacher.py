@@ -46,20 +46,31 @@ class CrossLevelFusion(nn.Module):
     One module serves all levels (as in the original); the levels are pooled and weighted in one batched call.
     Pooling [h, l] equals concatenating the pooled h and the pooled l, so the 2C-channel concat is never built.
 
+    The logits are 1-homogeneous in the pooled features (no biases, ReLU). From a random init the pyramid's outputs
+    grow by orders of magnitude in the first hundreds of iterations, so a random last layer turns into large
+    logits that saturate the softmax before the loss has taught it anything (then a * b ~ 0 and no gradient
+    comes back). ``init="zero"`` starts the last layer at zero: (0.5, 0.5) everywhere, and every change to the
+    weights comes from the loss. ``init="xavier"`` is the original's.
+
     Args:
         channels: C, the channels of each feature map (the fc input is 2C).
         hidden: width of the bottleneck layer (32 in the paper).
+        init: "zero" (last layer zero, first Xavier) or "xavier" (both Xavier, as the original).
     """
 
-    def __init__(self, channels: int, hidden: int = 32) -> None:
+    def __init__(self, channels: int, hidden: int = 32, init: str = "zero") -> None:
         super().__init__()
+        if init not in ("zero", "xavier"):
+            raise UserError(f"model.fusion_init: invalid value {init!r}; allowed: zero, xavier")
         # Named like the original's `SE.fc` (Linear, ReLU, Linear without biases) so weights map 1:1.
         self.fc = nn.Sequential(
             nn.Linear(2 * channels, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, 2, bias=False)
         )
-        for module in self.fc:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
+        nn.init.xavier_uniform_(self.fc[0].weight)
+        if init == "zero":
+            nn.init.zeros_(self.fc[2].weight)
+        else:
+            nn.init.xavier_uniform_(self.fc[2].weight)
 
     def level_weights(self, high: Sequence[Tensor], low: Sequence[Tensor]) -> Tensor:
         """The (a, b) weights of every image and level: [B, num_levels, 2], each row summing to 1."""
@@ -117,6 +128,7 @@ class MSADTeacher(nn.Module):
         joint_weight: weight of the fused branch's losses (0.4 in the paper).
         low_res_mode: how L is made from H ("nearest" as the original, or "antialias"); the student must match.
         fusion_hidden: bottleneck width of C-FF.
+        fusion_init: C-FF's initialisation, "zero" or "xavier" (see ``CrossLevelFusion``).
     """
 
     def __init__(
@@ -131,15 +143,19 @@ class MSADTeacher(nn.Module):
         joint_weight: float = 0.4,
         low_res_mode: str = "nearest",
         fusion_hidden: int = 32,
+        fusion_init: str = "zero",
     ) -> None:
         super().__init__()
         levels = sorted(set(HIGH_LEVELS) | set(LOW_LEVELS)) if fusion else HIGH_LEVELS
         self.backbone, self.pyramid, self.head = build_fcos_parts(
             width, width_list, fpn_channels, num_classes, head_convs, gn_groups, levels
         )
-        self.fusion: CrossLevelFusion | None = CrossLevelFusion(fpn_channels, fusion_hidden) if fusion else None
+        self.fusion: CrossLevelFusion | None = (
+            CrossLevelFusion(fpn_channels, fusion_hidden, fusion_init) if fusion else None
+        )
         self.joint_weight = float(joint_weight)
         self.low_res_mode = low_res_mode
+        self._latest_high_weights: Tensor | None = None  # mean a(H) per level in the last training batch
 
     @property
     def width(self) -> float:
@@ -187,6 +203,7 @@ class MSADTeacher(nn.Module):
         if self.fusion is None:
             high_losses = fcos_losses(self.head(features.high), targets, STRIDES)
             return {f"{name}_high": value for name, value in high_losses.items()}
+        self._latest_high_weights = features.fusion_weights[..., 0].detach().mean(0)
         outputs = self._head_per_branch([features.high, features.low, features.fused])
         losses: dict[str, Tensor] = {}
         for branch, branch_outputs in zip(BRANCHES, outputs, strict=True):
@@ -194,6 +211,15 @@ class MSADTeacher(nn.Module):
             for name, value in fcos_losses(branch_outputs, targets, STRIDES).items():
                 losses[f"{name}_{branch}"] = value * weight
         return losses
+
+    def fusion_metrics(self) -> dict[str, Tensor]:
+        """``fusion_high_p3``..``p7``: C-FF's mean weight on H per level in the last training batch.
+
+        Logged with the losses, so a fusion that collapses onto one resolution shows in the run's curves.
+        """
+        if self._latest_high_weights is None:
+            return {}
+        return {f"fusion_high_{level}": w for level, w in zip(HIGH_LEVELS, self._latest_high_weights, strict=True)}
 
     @torch.no_grad()
     def predict(
