@@ -7,7 +7,10 @@ teacher and neither pays for training it. Compute is counted as iterations train
 results) and trial-seconds; the best student is the one with the highest final AP among those that finished.
 
     python benchmarks/asha_vs_grid.py --teacher runs/fidelity/teacher/checkpoint_0000300/checkpoint.pt \
-        [--sweep sweeps/kd_weights.yaml] [--out runs/asha_vs_grid]
+        [--sweep sweeps/kd_weights.yaml] [--out runs/asha_vs_grid] [--set config.train.iterations=120 ...]
+
+`--set` scales the sweep down (or changes it) identically in both arms, for machines where the file's own schedule
+would take hours.
 """
 
 from __future__ import annotations
@@ -28,9 +31,27 @@ sys.path.insert(0, str(REPO))
 from msad.sweep.report import read_trial_summaries  # noqa: E402
 
 
-def derived_sweep(source: Path, out: Path, name: str, teacher: Path, asha: bool) -> Path:
-    """`source` as a students-only sweep against `teacher`, named `name`, under `out`; FIFO unless `asha`."""
+def apply_settings(spec: dict[str, Any], settings: list[str]) -> None:
+    """Set `dotted.path=value` entries (values parsed as YAML) in the sweep spec, e.g. `config.train.iterations=120`
+    or `scheduler.grace_period=30`; a path whose parent is missing is refused, so a typo cannot pass silently."""
+    for setting in settings:
+        path, sep, raw = setting.partition("=")
+        keys = path.split(".")
+        node = spec
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                raise SystemExit(f"error: --set {setting}: {key!r} is not a section of the sweep spec")
+            node = node[key]
+        if not sep or not keys[-1]:
+            raise SystemExit(f"error: --set {setting}: expected dotted.path=value")
+        node[keys[-1]] = yaml.safe_load(raw)
+
+
+def derived_sweep(source: Path, out: Path, name: str, teacher: Path, asha: bool, settings: list[str]) -> Path:
+    """`source` as a students-only sweep against `teacher`, named `name`, under `out`; FIFO unless `asha`;
+    `settings` applied on top (the same in both arms)."""
     spec = yaml.safe_load(source.read_text())
+    apply_settings(spec, settings)
     spec["name"] = name
     spec["base"] = str((source.parent / spec["base"]).resolve())
     spec.setdefault("config", {}).setdefault("distributed", {})["storage_path"] = str(out / "runs")
@@ -55,9 +76,9 @@ def iterations_trained(experiment: Path) -> dict[str, int]:
     return done
 
 
-def run_arm(source: Path, out: Path, teacher: Path, asha: bool) -> dict[str, Any]:
+def run_arm(source: Path, out: Path, teacher: Path, asha: bool, settings: list[str]) -> dict[str, Any]:
     name = f"{source.stem}_{'asha' if asha else 'grid'}"
-    path = derived_sweep(source, out, name, teacher, asha)
+    path = derived_sweep(source, out, name, teacher, asha, settings)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.setdefault("WANDB_MODE", "offline")
     start = time.time()
@@ -90,6 +111,8 @@ def main() -> None:
     parser.add_argument("--sweep", type=Path, default=REPO / "sweeps" / "kd_weights.yaml")
     parser.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint of the sweep's width")
     parser.add_argument("--out", type=Path, default=Path("runs/asha_vs_grid"))
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                        help="change the sweep spec in both arms (repeatable), e.g. config.train.iterations=120")
     args = parser.parse_args()
     out = args.out.resolve()
     if (out / "runs").exists():
@@ -98,8 +121,8 @@ def main() -> None:
         sys.exit(f"error: --teacher {args.teacher}: file not found")
     out.mkdir(parents=True, exist_ok=True)
     teacher = args.teacher.resolve()
-    arms = {"asha": run_arm(args.sweep.resolve(), out, teacher, asha=True),
-            "grid": run_arm(args.sweep.resolve(), out, teacher, asha=False)}
+    arms = {"asha": run_arm(args.sweep.resolve(), out, teacher, asha=True, settings=args.set),
+            "grid": run_arm(args.sweep.resolve(), out, teacher, asha=False, settings=args.set)}
     grid_order = ranking(arms["grid"]["trials"])
     summary = {
         "compute_ratio_iterations": round(arms["asha"]["iterations_trained"] / arms["grid"]["iterations_trained"], 3),

@@ -1,0 +1,97 @@
+"""Why did a teacher's C-FF weights end where they did: learned by its fc, or produced by its features moving?
+
+Rebuilds the teacher's initial weights (same config and seed as its training run) next to the trained checkpoint and,
+on the first `--images` val images, prints per level P3..P7: the pooled H and L feature norms, the mean fusion
+weight on H, and the H - L logit for the four pairs (initial or trained fc) x (initial or trained features). If the
+initial fc on the trained features gives about the trained logits, the fc did not learn them: the features moved
+under a (nearly) fixed projection. BN runs in train mode by default, as during training (batch statistics).
+
+    python benchmarks/fusion_diagnosis.py runs/fidelity/teacher/checkpoint_0000300/checkpoint.pt \
+        [--fusion-init xavier] [--images 8] [--eval-mode]
+
+Checkpoints written before `model.fusion_init` existed were trained with the original's Xavier init: pass
+`--fusion-init xavier` for them (their saved config lacks the key and would read as today's default).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from msad.build import build_model, build_val_dataset, resolve_data_paths
+from msad.data.transforms import collate, to_low_resolution
+from msad.engine.checkpoint import checkpoint_config, load_checkpoint
+from msad.models.detector import HIGH_LEVELS, LOW_LEVELS, pyramid_features
+from msad.models.teacher import MSADTeacher
+
+
+def aligned_levels(model: MSADTeacher, images: Tensor, low_res_mode: str) -> tuple[list[Tensor], list[Tensor]]:
+    """H's P3..P7 and L's P2..P6, as the teacher computes them."""
+    with torch.no_grad():
+        high = pyramid_features(model.backbone, model.pyramid, images, HIGH_LEVELS)
+        low = pyramid_features(model.backbone, model.pyramid, to_low_resolution(images, low_res_mode), LOW_LEVELS)
+    return high, low
+
+
+def pooled_pairs(high: list[Tensor], low: list[Tensor]) -> Tensor:
+    """[B, levels, 2C]: the globally pooled (h, l) of each aligned level, what C-FF's fc reads."""
+    return torch.stack([torch.cat((h.mean((2, 3)), lo.mean((2, 3))), 1) for h, lo in zip(high, low, strict=True)], 1)
+
+
+def logit_gap(model: MSADTeacher, pooled: Tensor) -> Tensor:
+    """Mean over images of the H - L logit per level."""
+    with torch.no_grad():
+        logits = model.fusion.fc(pooled)
+    return (logits[..., 0] - logits[..., 1]).mean(0)
+
+
+def row(label: str, values: Tensor, digits: int = 2) -> str:
+    return f"{label:42s}" + "".join(f"{v:>9.{digits}f}" for v in values.tolist())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path, help="a teacher training checkpoint (checkpoint.pt)")
+    parser.add_argument("--fusion-init", choices=("zero", "xavier"), help="override the saved model.fusion_init")
+    parser.add_argument("--images", type=int, default=8, help="val images to average over")
+    parser.add_argument("--eval-mode", action="store_true", help="BN with running statistics instead of batch ones")
+    args = parser.parse_args()
+    state = load_checkpoint(args.checkpoint)
+    cfg = checkpoint_config(state, args.checkpoint)
+    if cfg.train.role != "teacher" or not cfg.model.fusion:
+        raise SystemExit(f"error: {args.checkpoint}: not a teacher with fusion (role {cfg.train.role})")
+    if args.fusion_init:
+        cfg.model.fusion_init = args.fusion_init
+    torch.manual_seed(cfg.train.seed)  # what run_training does before building the model
+    initial = build_model(cfg)
+    trained = build_model(cfg)
+    trained.load_state_dict(state["model"])
+    for model in (initial, trained):
+        model.train(not args.eval_mode)
+    val_set = build_val_dataset(cfg, resolve_data_paths(cfg.data))
+    images = collate([val_set[i] for i in range(min(args.images, len(val_set)))], cfg.data.size_divisibility).images
+    levels = {name: aligned_levels(m, images, cfg.data.low_res_mode) for name, m in (("initial", initial),
+                                                                                      ("trained", trained))}
+    pooled = {name: pooled_pairs(*pair) for name, pair in levels.items()}
+    channels = pooled["initial"].shape[-1] // 2
+    print(f"{args.checkpoint} (iteration {state['iteration']}, fusion_init {cfg.model.fusion_init}, "
+          f"BN {'eval' if args.eval_mode else 'train'} mode, {images.shape[0]} images)")
+    print(f"{'':42s}" + "".join(f"{lvl:>9s}" for lvl in HIGH_LEVELS))
+    for name, p in pooled.items():
+        print(row(f"|pooled h|, {name} features", p[..., :channels].norm(dim=-1).mean(0)))
+        print(row(f"|pooled l|, {name} features", p[..., channels:].norm(dim=-1).mean(0)))
+    for fc_name, fc_model in (("initial", initial), ("trained", trained)):
+        for feat_name, p in pooled.items():
+            print(row(f"H-L logit, {fc_name} fc, {feat_name} features", logit_gap(fc_model, p)))
+    with torch.no_grad():
+        weights = trained.fusion.level_weights(*levels["trained"])
+    print(row("mean weight on H (trained teacher)", weights[..., 0].mean(0), digits=4))
+    norms = [[round(p.norm().item(), 3) for p in m.fusion.parameters()] for m in (initial, trained)]
+    print(f"fc weight norms (layer 1, layer 2): initial {norms[0]}, trained {norms[1]}")
+
+
+if __name__ == "__main__":
+    main()
