@@ -21,6 +21,8 @@ def test_teacher_two_workers_reports_metrics_and_checkpoints(teacher_run) -> Non
                 "images_per_sec_per_worker"):
         assert key in m and m[key] == m[key], key  # present and not NaN
     assert abs(m["loss_total"] - sum(v for k, v in m.items() if k.startswith("loss_") and k != "loss_total")) < 1e-6
+    fusion = [m[f"fusion_high_p{k}"] for k in range(3, 8)]  # C-FF's weight on H per level, averaged over workers
+    assert all(0.0 < w < 1.0 for w in fusion) and any(w != 0.5 for w in fusion)  # zero init, then the loss moved it
     state = load_checkpoint(result.checkpoint)
     assert state["role"] == "teacher" and state["iteration"] == 6 and state["width"] == 0.25
     assert [h["iteration"] for h in state["history"]] == [1, 2, 3, 4, 5, 6]  # every report: the loss curve
