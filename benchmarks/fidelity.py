@@ -4,7 +4,8 @@ Trains, in this one process (msad.engine.loop.run_training with a LocalContext, 
 
   fcos_h     plain FCOS at H (short side 256)
   fcos_l     plain FCOS at L (images resized to short side 128 directly; P3..P7 of L)
-  teacher    MSAD teacher (H & L, C-FF); evaluated on its fused, H-only and L-only branches
+  teacher    MSAD teacher (H & L, C-FF); evaluated on its fused, H-only and L-only branches (`--teacher-iterations`
+             trains it longer than the rest)
   student_nokd  student on L, initialised from the teacher, kd_alpha 0 (the "L only + P2" baseline)
   student    MSAD student on L, initialised from the teacher, kd_alpha 0.2, T 3
   student_scratch  (opt-in) student on L, kd_alpha 0, random init: separates the P2 level from the teacher's init
@@ -209,8 +210,11 @@ class Fidelity:
             mode_override = [f"data.low_res_mode={mode}"]
             if not {"teacher", "student", "student_nokd", "student_scratch"} & runs:
                 continue
-            cfg, teacher_ckpt = self.train(f"teacher{tag}", f"MSAD teacher, fused (L: {mode})",
-                                           ["train.role=teacher", *mode_override])
+            teacher_iterations = self.args.teacher_iterations or self.args.iterations
+            longer = (schedule_overrides(teacher_iterations, self.args.batch)
+                      if teacher_iterations != self.args.iterations else [])
+            cfg, teacher_ckpt = self.train(f"teacher{tag}", f"MSAD teacher, fused (L: {mode}; {teacher_iterations} it)",
+                                           ["train.role=teacher", *mode_override, *longer])
             self.teacher_branches(f"teacher{tag}", cfg, teacher_ckpt)
             student = ["train.role=student", f"train.teacher_checkpoint={teacher_ckpt}", *mode_override]
             if "student_nokd" in runs and mode == "nearest":
@@ -297,6 +301,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/fidelity", help="output folder (run folders, results.json/.md)")
     parser.add_argument("--num-val", type=int, default=128, help="validation images of the built-in dataset")
     parser.add_argument("--loader-workers", type=int, default=1, help="DataLoader processes")
+    parser.add_argument("--teacher-iterations", type=int, default=None,
+                        help="train the teacher longer than the other runs (default: --iterations), so that it stays "
+                        "ahead of students that start from it")
     parser.add_argument("--seed", type=int, default=0, help="training seed (weights init and data order)")
     parser.add_argument("--runs", nargs="+", default=["fcos_h", "fcos_l", "teacher", "student_nokd", "student"],
                         choices=["fcos_h", "fcos_l", "teacher", "student_nokd", "student", "student_scratch"],
