@@ -49,7 +49,7 @@ class ModelConfig:
     fusion: bool = True  # teacher C-FF on; false = ablation "teacher on H only"
     fusion_hidden: int = 32  # C-FF MLP hidden size
     # C-FF's last layer at start: "zero" = equal weights until the loss moves them; "xavier" = the original's random
-    # init, whose fixed projection saturates the softmax as random-init features grow (benchmarks/RESULTS.md)
+    # init, whose fixed random projection saturated the softmax as the features moved (benchmarks/RESULTS.md)
     fusion_init: Literal["zero", "xavier"] = "zero"
 
 

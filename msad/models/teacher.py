@@ -46,11 +46,11 @@ class CrossLevelFusion(nn.Module):
     One module serves all levels (as in the original); the levels are pooled and weighted in one batched call.
     Pooling [h, l] equals concatenating the pooled h and the pooled l, so the 2C-channel concat is never built.
 
-    The logits are 1-homogeneous in the pooled features (no biases, ReLU). From a random init the pyramid's outputs
-    grow by orders of magnitude in the first hundreds of iterations, so a random last layer turns into large
-    logits that saturate the softmax before the loss has taught it anything (then a * b ~ 0 and no gradient
-    comes back). ``init="zero"`` starts the last layer at zero: (0.5, 0.5) everywhere, and every change to the
-    weights comes from the loss. ``init="xavier"`` is the original's.
+    The logits are 1-homogeneous in the pooled features (no biases, ReLU), whose norms are ~5-15 per level, so a
+    random last layer maps them to logit gaps of several units: as the features move during training, that fixed
+    projection saturates the softmax on one branch before the loss has taught the fc anything (then a * b ~ 0 and
+    no gradient comes back; measured in benchmarks/RESULTS.md). ``init="zero"`` starts the last layer at zero:
+    (0.5, 0.5) everywhere, and every change to the weights comes from the loss. ``init="xavier"`` is the original's.
 
     Args:
         channels: C, the channels of each feature map (the fc input is 2C).
