@@ -22,18 +22,17 @@ import torch
 from torch import Tensor
 
 from msad.build import build_model, build_val_dataset, resolve_data_paths
-from msad.data.transforms import collate, to_low_resolution
+from msad.data.transforms import collate
 from msad.engine.checkpoint import checkpoint_config, load_checkpoint
-from msad.models.detector import HIGH_LEVELS, LOW_LEVELS, pyramid_features
+from msad.models.detector import HIGH_LEVELS
 from msad.models.teacher import MSADTeacher
 
 
-def aligned_levels(model: MSADTeacher, images: Tensor, low_res_mode: str) -> tuple[list[Tensor], list[Tensor]]:
-    """H's P3..P7 and L's P2..P6, as the teacher computes them."""
+def aligned_levels(model: MSADTeacher, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """H's P3..P7 and L's P2..P6, as the teacher computes them (its own `fuse_aligned_levels`)."""
     with torch.no_grad():
-        high = pyramid_features(model.backbone, model.pyramid, images, HIGH_LEVELS)
-        low = pyramid_features(model.backbone, model.pyramid, to_low_resolution(images, low_res_mode), LOW_LEVELS)
-    return high, low
+        features = model.fuse_aligned_levels(images)
+    return features.high, features.low
 
 
 def pooled_pairs(high: list[Tensor], low: list[Tensor]) -> Tensor:
@@ -73,8 +72,7 @@ def main() -> None:
         model.train(not args.eval_mode)
     val_set = build_val_dataset(cfg, resolve_data_paths(cfg.data))
     images = collate([val_set[i] for i in range(min(args.images, len(val_set)))], cfg.data.size_divisibility).images
-    levels = {name: aligned_levels(m, images, cfg.data.low_res_mode) for name, m in (("initial", initial),
-                                                                                      ("trained", trained))}
+    levels = {name: aligned_levels(m, images) for name, m in (("initial", initial), ("trained", trained))}
     pooled = {name: pooled_pairs(*pair) for name, pair in levels.items()}
     channels = pooled["initial"].shape[-1] // 2
     print(f"{args.checkpoint} (iteration {state['iteration']}, fusion_init {cfg.model.fusion_init}, "
