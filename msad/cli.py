@@ -27,23 +27,28 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
-def _add_global_options(parser: argparse.ArgumentParser, suppress_defaults: bool) -> None:
-    default = argparse.SUPPRESS if suppress_defaults else None
-    parser.add_argument("--address", default=default,
-                        help="Ray cluster to use: 'auto', 'ray://HOST:10001' or HOST:PORT (default: start a local Ray)")
-    parser.add_argument("--resume", action="store_true", default=argparse.SUPPRESS if suppress_defaults else False,
+GLOBAL_OPTIONS_HELP = ("global options, accepted before or after the command and between overrides: "
+                       "--address auto|ray://HOST:10001|HOST:PORT (default: a private local Ray), --resume")
+
+
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join: 'auto' (the cluster running on this machine, or RAY_ADDRESS), "
+                             "'ray://HOST:10001' (Ray client) or HOST:PORT (its GCS); default: start a private "
+                             "local Ray, whatever else runs on this machine")
+    parser.add_argument("--resume", action="store_true", default=False,
                         help="continue the experiment or run of the same name from its checkpoints")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=PROG, description="msad: Multi-Scale Aligned Distillation on Ray. "
-                           f"Run a sweep with `{PROG} SWEEP.yaml [section.key=value ...]`, or one of the commands.")
-    _add_global_options(parser, suppress_defaults=False)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+def _command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """One parser per command. Each takes the global options too, and parses intermixed (see `parse_command_line`)."""
+    parsers: dict[str, argparse.ArgumentParser] = {}
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        _add_global_options(sub, suppress_defaults=True)
+        sub = OneLineParser(prog=f"{PROG} {name}", description=help_text, epilog=GLOBAL_OPTIONS_HELP + ".")
+        sub.help_text = help_text  # type: ignore[attr-defined]  # the one-line summary in the top-level help
+        _add_global_options(sub)
+        parsers[name] = sub
         return sub
 
     sweep = command("sweep", "run a sweep of teachers and students (the default: `launch.py SWEEP.yaml`)")
@@ -55,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="section.key=value, values parsed as YAML")
 
     evaluate = command("eval", "evaluate a checkpoint (teacher, student or standalone student) on the val set")
-    evaluate.add_argument("config", help="config YAML describing the data and model")
+    evaluate.add_argument("config", help="config YAML describing the data (the model comes from the checkpoint)")
     evaluate.add_argument("overrides", nargs="*", help="section.key=value")
     evaluate.add_argument("--weights", required=True, help="checkpoint file to evaluate")
     evaluate.add_argument("--branch", choices=["fused", "high", "low"], default="fused",
@@ -77,27 +82,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = command("report", "results table (Markdown + CSV) and AP-vs-capacity plot of an experiment")
     report.add_argument("experiment_dir", help="experiment folder written by a sweep")
+    return parsers
+
+
+COMMAND_PARSERS = _command_parsers()
+COMMANDS = tuple(COMMAND_PARSERS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: `launch.py --help` (each command's own parser does the parsing)."""
+    lines = "\n".join(f"  {name:<9} {parser.help_text}" for name, parser in COMMAND_PARSERS.items())  # type: ignore
+    parser = OneLineParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"{PROG} [--address ADDRESS] [--resume] [COMMAND] ARGS [section.key=value ...]",
+        description="msad: Multi-Scale Aligned Distillation on Ray. Run a sweep with "
+                    f"`{PROG} SWEEP.yaml [section.key=value ...]`, or one of the commands below "
+                    f"(`{PROG} COMMAND --help` for its arguments).",
+        epilog=f"commands:\n{lines}\n\n{GLOBAL_OPTIONS_HELP}. Options and overrides may come in any order, e.g. "
+               f"`{PROG} sweeps/paper.yaml --address auto model.pretrained=/w.pt --resume`.")
+    _add_global_options(parser)
     return parser
 
 
-COMMANDS = ("sweep", "train", "eval", "export", "convert", "capacity", "report")
-
-
-def _route_bare_spec(argv: list[str]) -> list[str]:
-    """`launch.py SWEEP.yaml ...` means `launch.py sweep SWEEP.yaml ...`."""
+def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The command and the rest of the line; `launch.py SWEEP.yaml ...` means `launch.py sweep SWEEP.yaml ...`."""
     i = 0
     while i < len(argv):
         token = argv[i]
-        if token == "--address":
+        if token == "--address":  # the only global option that takes a separate value
             i += 2
             continue
         if token.startswith("-"):
             i += 1
             continue
-        if token not in COMMANDS:
-            return [*argv[:i], "sweep", *argv[i:]]
-        return argv
-    return argv
+        if token in COMMANDS:
+            return token, [*argv[:i], *argv[i + 1:]]
+        return "sweep", argv
+    return None, argv
+
+
+def parse_command_line(argv: list[str]) -> argparse.Namespace | None:
+    """Parse a whole command line: flags and `section.key=value` overrides in any order, for every command.
+
+    Returns None when there is no command (the caller prints the top-level help). argparse's intermixed parsing
+    lets positionals (the file, the overrides) and options alternate, as users write them on clusters
+    (`launch.py sweeps/paper.yaml --address auto model.pretrained=/w.pt`).
+    """
+    command, rest = _split_command(argv)
+    if command is None:
+        if any(token in ("-h", "--help") for token in rest):
+            build_parser().print_help()
+            raise SystemExit(0)
+        build_parser().parse_args(rest)  # unknown options: one-line error
+        return None
+    args = COMMAND_PARSERS[command].parse_intermixed_args(rest)
+    args.command = command
+    return args
 
 
 def _existing_file(path: str, what: str) -> Path:
@@ -191,11 +231,10 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `launch.py` and the `msad` console script; returns the exit code."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(_route_bare_spec(list(sys.argv[1:] if argv is None else argv)))
-        if args.command is None:
-            parser.print_help()
+        args = parse_command_line(list(sys.argv[1:] if argv is None else argv))
+        if args is None:
+            build_parser().print_help()
             return EXIT_USER_ERROR
         return HANDLERS[args.command](args)
     except UserError as err:
