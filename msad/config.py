@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 from dataclasses import dataclass, field
@@ -24,16 +25,30 @@ BASE_KEY = "_base_"
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`; users write `1e-3`)."""
+    """SafeLoader with YAML 1.2 scalars where YAML 1.1 surprises: `1e-3` is a float (1.1 wants `1.0e-3`), and only
+    true/false are booleans, so `amp: off` is the string "off" (1.1 also reads on/off/yes/no/y/n as booleans)."""
 
 
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_YamlLoader.yaml_implicit_resolvers = {  # the class's own copy (made by the call above), without 1.1's booleans
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in _YamlLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def path_field(default: str | None = None) -> Any:
+    """A file or folder location. Made absolute when loaded (relative to the YAML file that writes it, or to the
+    working directory for command-line overrides and defaults), because Ray runs trials and workers in other working
+    directories. Object-store URIs (s3://...) pass unchanged."""
+    return field(default=default, metadata={"path": True})
 
 
 @dataclass
@@ -44,7 +59,8 @@ class ModelConfig:
     head_convs: int = 4  # convs per FCOS tower
     gn_groups: int = 32  # GroupNorm groups in the head towers
     num_classes: int = 80  # foreground classes (the built-in dataset overrides this with its own count)
-    pretrained: str | None = None  # slimmable_networks ImageNet file (s_resnet50_0.25_0.5_0.75_1.0.pt), user-supplied
+    # slimmable_networks ImageNet file (s_resnet50_0.25_0.5_0.75_1.0.pt), user-supplied; null = random init
+    pretrained: str | None = path_field()
     pretrained_format: Literal["slimmable", "torchvision"] = "slimmable"  # torchvision ResNet-50 needs width 1.0
     fusion: bool = True  # teacher C-FF on; false = ablation "teacher on H only"
     fusion_hidden: int = 32  # C-FF MLP hidden size
@@ -61,16 +77,16 @@ class ShapesDataConfig:
     objects_per_image: list[int] = field(default_factory=lambda: [4, 16])  # (min, max) objects per image
     object_size: list[int] = field(default_factory=lambda: [6, 60])  # (min, max) object side, log-uniform
     seed: int = 0  # generation seed: same seed, same files
-    cache_dir: str = "~/.cache/msad"  # where the dataset is written on first use
+    cache_dir: str = path_field("~/.cache/msad")  # where the dataset is written on first use
 
 
 @dataclass
 class DataConfig:
     dataset: Literal["shapes", "coco"] = "shapes"  # built-in synthetic set, or COCO-format files
-    train_images: str | None = None  # COCO image folder (dataset: coco)
-    train_annotations: str | None = None  # COCO instances JSON (dataset: coco)
-    val_images: str | None = None
-    val_annotations: str | None = None
+    train_images: str | None = path_field()  # COCO image folder (dataset: coco)
+    train_annotations: str | None = path_field()  # COCO instances JSON (dataset: coco)
+    val_images: str | None = path_field()
+    val_annotations: str | None = path_field()
     shapes: ShapesDataConfig = field(default_factory=ShapesDataConfig)
     train_short_sides: list[int] = field(default_factory=lambda: [256])  # H short side drawn per image
     test_short_side: int = 256  # H short side at evaluation
@@ -106,7 +122,7 @@ class TrainConfig:
     kd_temperature: float = 3.0
     kd_warmup_iters: int = 500  # linear ramp of the KD weight
     kd_loss: Literal["l1", "mse"] = "l1"
-    teacher_checkpoint: str | None = None  # student only: the trained teacher (filled in by sweeps)
+    teacher_checkpoint: str | None = path_field()  # student only: the trained teacher (filled in by sweeps)
     init_from_teacher: bool = True  # student starts from the teacher's backbone and head
 
 
@@ -116,7 +132,7 @@ class DistributedConfig:
     use_gpu: bool = False  # one GPU per worker, nccl; otherwise CPU + gloo
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # only read when use_gpu
-    storage_path: str = "./runs"  # run directories (local path, NFS, or s3://bucket/prefix)
+    storage_path: str = path_field("./runs")  # run directories (local path, NFS, or s3://bucket/prefix)
     run_name: str = "msad"  # run directory name; re-running the same name resumes it
     max_failures: int = 1  # worker-group restarts from the last checkpoint
 
@@ -139,6 +155,65 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Paths: absolute from the moment they are loaded
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _path_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}{f.name}"
+        if f.metadata.get("path"):
+            keys.append(full)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_path_keys(hints[f.name], full + "."))
+    return keys
+
+
+PATH_KEYS: tuple[str, ...] = tuple(_path_keys(Config))  # dotted keys of every file/folder location in a config
+
+
+def absolute_location(value: Any, base_dir: Path) -> Any:
+    """`value` made absolute against `base_dir` (after `~`); URIs, null and non-strings are returned unchanged.
+
+    Normalised without following symbolic links, so a path a user wrote through a link (/data/coco) stays as written.
+    """
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    return os.path.normpath(Path(base_dir, Path(value).expanduser()))
+
+
+def resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """A copy of a nested config dict with every path key present made absolute against `base_dir`."""
+    resolved = dict(data)
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        node: Any = resolved
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                break
+            node[part] = dict(node[part])  # copy on the way down: the caller's dict stays as it was
+            node = node[part]
+        else:
+            if leaf in node:
+                node[leaf] = absolute_location(node[leaf], base_dir)
+    return resolved
+
+
+def resolve_dotted_paths(values: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Like `resolve_paths` for flat `section.key: value` mappings (sweep grids, variants, samples)."""
+    return {k: absolute_location(v, base_dir) if k in PATH_KEYS else v for k, v in values.items()}
+
+
+def absolute_config(cfg: Config, base_dir: Path | None = None) -> Config:
+    """`cfg` with any location still relative (a default such as ./runs) made absolute against the working
+    directory of the process that loads it: the launching shell's, never a Ray worker's."""
+    data = resolve_paths(cfg.to_dict(), base_dir or Path.cwd())
+    return config_from_dict(data)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -177,12 +252,16 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_yaml_with_bases(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Load a YAML file, resolving `_base_` (a path or list of paths, relative to the file) recursively."""
+    """Load a YAML file, resolving `_base_` (a path or list of paths, relative to the file) recursively.
+
+    Locations written in a file (PATH_KEYS) are made absolute relative to that file's folder, so a config works from
+    any working directory and inside Ray's trial and worker directories.
+    """
     path = Path(path).resolve()
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise UserError(f"{path}: _base_ cycle ({chain})")
-    data = read_yaml(path)
+    data = resolve_paths(read_yaml(path), path.parent)
     bases = data.pop(BASE_KEY, None)
     if bases is None:
         return data
@@ -412,10 +491,14 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a config file (with its `_base_` chain), apply `a.b=value` overrides, and validate."""
+    """Load a config file (with its `_base_` chain), apply `a.b=value` overrides, and validate.
+
+    Every location comes out absolute: relative to the file that writes it, or to the working directory for
+    overrides and defaults.
+    """
     data = load_yaml_with_bases(path) if path is not None else {}
-    data = deep_merge(data, parse_overrides(overrides or []))
-    return config_from_dict(data)
+    data = deep_merge(data, resolve_paths(parse_overrides(overrides or []), Path.cwd()))
+    return absolute_config(config_from_dict(data))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

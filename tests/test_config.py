@@ -147,3 +147,14 @@ def test_scientific_notation_is_a_number(tmp_path: Path) -> None:
     path = write(tmp_path / "c.yaml", "train:\n  weight_decay: 5e-5\n")
     cfg = load_config(path, ["train.base_lr=1e-3"])
     assert cfg.train.base_lr == 0.001 and cfg.train.weight_decay == 0.00005
+
+
+def test_yaml_words_off_on_yes_no_are_strings_not_booleans(tmp_path: Path) -> None:
+    """YAML 1.1 (PyYAML's default) reads `off` as False, so `amp: off` was refused as "invalid value False"."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  amp: off\nmodel:\n  fusion: false\n")
+    cfg = load_config(path, ["train.role=teacher"])
+    assert cfg.train.amp == "off" and cfg.model.fusion is False
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    with pytest.raises(UserError, match=r"model.fusion: invalid value 'yes'; expected true/false"):
+        load_config(None, ["model.fusion=yes"])

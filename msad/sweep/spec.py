@@ -15,12 +15,16 @@ from typing import Any, Literal
 
 from msad.config import (
     Config,
+    absolute_config,
+    absolute_location,
     build_typed,
     config_from_dict,
     deep_merge,
     load_yaml_with_bases,
     parse_overrides,
     read_yaml,
+    resolve_dotted_paths,
+    resolve_paths,
 )
 from msad.engine import storage
 from msad.errors import UserError
@@ -36,7 +40,8 @@ class StageSpec:
     variants: list[dict[str, Any]] = field(default_factory=list)  # sets of dotted keys that change together
     sample: dict[str, dict[str, list[Any]]] = field(default_factory=dict)  # dotted key -> {uniform: [a, b]} etc.
     num_samples: int = 1  # draws of `sample` per grid point
-    teacher_checkpoints: dict[str, str] = field(default_factory=dict)  # students only: width -> teacher file
+    # students only: width -> teacher file (relative to the sweep file, or s3://...)
+    teacher_checkpoints: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,12 +143,15 @@ def _expand(stage: StageSpec, where: str, rng: random.Random) -> list[dict[str, 
 
 
 def _trial_config(base: dict[str, Any], stage: StageSpec, point: dict[str, Any], role: str,
-                  where: str) -> Config:
-    data = deep_merge(base, stage.config)
+                  where: str, sweep_dir: Path) -> Config:
+    """A trial's config: the base, then the stage's `config`, then its grid point; locations written in the sweep
+    file are relative to the sweep file."""
+    data = deep_merge(base, resolve_paths(stage.config, sweep_dir))
+    point = resolve_dotted_paths(point, sweep_dir)
     data = deep_merge(data, parse_overrides([f"{k}={_yaml_scalar(v)}" for k, v in point.items()]))
     data = deep_merge(data, {"train": {"role": role}})
     try:
-        return config_from_dict(data)
+        return absolute_config(config_from_dict(data))
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
 
@@ -168,8 +176,12 @@ def _name(role: str, cfg: Config, taken: set[str]) -> str:
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
-    """Parse and validate a sweep file; every trial's config is built and validated now, before Ray starts."""
-    path = Path(path)
+    """Parse and validate a sweep file; every trial's config is built and validated now, before Ray starts.
+
+    Locations in the sweep file (its `config`, a stage's `config`, grid and variant values, `base`,
+    `students.teacher_checkpoints`) are relative to the sweep file; those in `overrides` to the working directory.
+    """
+    path = Path(path).absolute()
     raw = read_yaml(path)
     spec: SweepFile = build_typed(SweepFile, raw)
     where = str(path)
@@ -180,9 +192,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     if not spec.name or "/" in spec.name:
         raise UserError(f"{where}: name: invalid value {spec.name!r}; allowed: a non-empty name without '/'")
     base_dict = load_yaml_with_bases(path.parent / spec.base) if spec.base else {}
-    base_dict = deep_merge(deep_merge(base_dict, spec.config), parse_overrides(overrides or []))
+    base_dict = deep_merge(base_dict, resolve_paths(spec.config, path.parent))
+    base_dict = deep_merge(base_dict, resolve_paths(parse_overrides(overrides or []), Path.cwd()))
     try:
-        base = config_from_dict(base_dict)
+        base = absolute_config(config_from_dict(base_dict))
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
 
@@ -192,13 +205,13 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     teachers: list[TrialSpec] = []
     if spec.teachers is not None:
         for point in _expand(spec.teachers, f"{where}: teachers", rng):
-            cfg = _trial_config(base_dict, spec.teachers, point, "teacher", f"{where}: teachers")
+            cfg = _trial_config(base_dict, spec.teachers, point, "teacher", f"{where}: teachers", path.parent)
             teachers.append(_trial(cfg, "teacher", taken, None, runs_dir))
     students: list[TrialSpec] = []
     if spec.students is not None:
-        given = _given_teachers(spec.students, where)
+        given = _given_teachers(spec.students, where, path.parent)
         for point in _expand(spec.students, f"{where}: students", rng):
-            cfg = _trial_config(base_dict, spec.students, point, "student", f"{where}: students")
+            cfg = _trial_config(base_dict, spec.students, point, "student", f"{where}: students", path.parent)
             width = cfg.model.width
             if width not in given and not any(t.width == width for t in teachers):
                 raise UserError(f"{where}: students at width {width:g} have no teacher: add that width to teachers "
@@ -209,15 +222,17 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     return Sweep(path, spec, base, teachers, students)
 
 
-def _given_teachers(stage: StageSpec, where: str) -> dict[float, str]:
+def _given_teachers(stage: StageSpec, where: str, sweep_dir: Path) -> dict[float, str]:
+    """Width -> teacher file (relative to the sweep file, or an object-store URI, checked when read)."""
     given = {}
     for width, file in stage.teacher_checkpoints.items():
         try:
-            given[float(width)] = str(Path(file).expanduser())
+            given[float(width)] = location = absolute_location(file, sweep_dir)
         except ValueError:
             raise UserError(f"{where}: students.teacher_checkpoints: key {width!r} is not a width") from None
-        if not Path(file).expanduser().is_file():
-            raise UserError(f"{where}: students.teacher_checkpoints.{width}: file {file} not found")
+        if not storage.is_uri(location) and not Path(location).is_file():
+            raise UserError(f"{where}: students.teacher_checkpoints.{width}: file {file} not found "
+                            f"(looked for {location}; paths in a sweep file are relative to the sweep file)")
     return given
 
 
