@@ -75,8 +75,14 @@ def _detector_kwargs(model: ModelConfig) -> dict:
                 num_classes=model.num_classes, head_convs=model.head_convs, gn_groups=model.gn_groups)
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """The model of the run's role, at its width, with ImageNet weights loaded when a path is given."""
+def build_model(cfg: Config, load_pretrained: bool = True) -> nn.Module:
+    """The model of the run's role, at its width, with ImageNet weights loaded when a path is given.
+
+    Args:
+        cfg: the run's config.
+        load_pretrained: read `model.pretrained` (training from scratch). False when the weights come from a
+            checkpoint anyway (eval, convert), so those need no ImageNet file on the machine they run on.
+    """
     role = cfg.train.role
     if role == "fcos":
         model: nn.Module = FCOSDetector(**_detector_kwargs(cfg.model))
@@ -85,7 +91,8 @@ def build_model(cfg: Config) -> nn.Module:
     else:
         model = MSADStudent(**_detector_kwargs(cfg.model), low_res_mode=cfg.data.low_res_mode,
                             temperature=cfg.train.kd_temperature, kd_loss=cfg.train.kd_loss)
-    if cfg.model.pretrained and role != "student":  # a student starts from its teacher (or, ablation, random)
+    # a student starts from its teacher (or, ablation, random), never from ImageNet weights
+    if load_pretrained and cfg.model.pretrained and role != "student":
         load_backbone_weights(model.backbone, cfg.model)
     return model
 

@@ -155,7 +155,7 @@ def import_original_checkpoint(original: str | Path, cfg: Config, output: str | 
     data["train"]["role"] = converted.role
     data["model"]["fusion"] = any(k.startswith("fusion.") for k in weights) or converted.role == "student"
     model_cfg = config_from_dict(data)
-    model = build_model(model_cfg)
+    model = build_model(model_cfg, load_pretrained=False)  # every weight comes from the original file
     from msad.models.detector import load_state_strictly
 
     load_state_strictly(model, weights, str(original))
