@@ -180,6 +180,25 @@ def test_cpu_head_and_autoscaled_eight_gpu_workers(name: str, prepared: dict[str
             assert node_config["scheduling"]["onHostMaintenance"] == "TERMINATE"
 
 
+def test_gpu_images_have_a_driver_for_the_pinned_torch() -> None:
+    """torch's PyPI wheel is built for one CUDA (13.0 for 2.14.1): every cluster file must name a driver that runs
+    it. GCP's Deep Learning VM family ends in its driver branch; the other files state the minimum for the user's
+    image or nodes (the AMI id and the Kubernetes nodes are the user's to choose)."""
+    import torch
+
+    from msad.engine.gpu import MIN_DRIVER_FOR_CUDA_MAJOR
+
+    needed = int(MIN_DRIVER_FOR_CUDA_MAJOR[int(torch.version.cuda.split(".")[0])].split(".")[0])
+    gcp = yaml.safe_load((CLUSTER / "gcp.yaml").read_text())
+    images = [disk["initializeParams"]["sourceImage"] for node in gcp["available_node_types"].values()
+              for disk in node["node_config"]["disks"]]
+    assert images and all(int(re.search(r"-nvidia-(\d+)$", image).group(1)) >= needed for image in images)
+    for name in ("aws.yaml", "onprem.yaml", "kuberay-rayjob.yaml", "README.md"):
+        text = (CLUSTER / name).read_text().replace("\n", " ")
+        assert re.search(rf"(>=|or newer).{{0,40}}{needed}|{needed}.{{0,20}}or newer", text), \
+            f"{name} does not state the NVIDIA driver >= {needed} that the pinned torch needs"
+
+
 @pytest.mark.parametrize("name", CLOUD_FILES)
 def test_a_paper_trial_fits_one_gpu_node_and_none_fits_the_head(name: str, prepared: dict[str, dict[str, Any]],
                                                                  paper: Sweep) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from msad.build import DataPaths, build_model, build_val_dataset, check_num_clas
 from msad.config import Config, check_ready_to_train, config_from_dict
 from msad.engine import storage
 from msad.engine.checkpoint import CHECKPOINT_FILE, check_teacher_for_student, checkpoint_config, load_checkpoint
+from msad.engine.gpu import PreflightTorchConfig, gpu_error_line
 from msad.errors import UserError
 
 CONFIG_FILE = "config.yaml"
@@ -46,19 +48,51 @@ class RunResult:
                 **{k: self.metrics[k] for k in keys if k in self.metrics}}
 
 
+ADDRESS_FORMS = "'auto', 'ray://HOST:PORT' (Ray client) or HOST:PORT (the cluster's GCS, e.g. 10.0.0.1:6379)"
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_address(address: str) -> None:
+    """Refuse a malformed or unreachable `--address` in one line, in seconds (before Ray's own long retries)."""
+    if address == "auto":  # Ray finds the cluster on this machine (or RAY_ADDRESS); it says at once if there is none
+        return
+    match = re.fullmatch(r"(ray://)?(\[[0-9A-Fa-f:]+\]|[^:/\s\[\]]+):(\d{1,5})", address)
+    if match is None or not 0 < int(match.group(3)) < 65536:
+        raise UserError(f"--address {address}: invalid address; expected {ADDRESS_FORMS}")
+    host, port = match.group(2).strip("[]"), int(match.group(3))
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except socket.gaierror:
+        raise UserError(f"--address {address}: unknown host {host!r}") from None
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(f"--address {address}: no Ray cluster answers at {host}:{port} ({reason}); start it "
+                        "(`ray start --head` / `ray up`) or check the address") from None
+
+
 def init_ray(address: str | None) -> None:
-    """Connect to `address`, or start a local Ray bound to localhost (no dashboard) when none is given."""
+    """Join the cluster at `address`, or start a private local Ray (bound to localhost) when none is given.
+
+    No address means a new Ray of our own even when another one runs on this machine (a cluster head started with
+    `ray start --head`, or a second msad run): plain `ray.init()` would join that one, and refuse our resources.
+    """
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # One logical CPU more than the cores: Tune's and Train's driver actors hold a sliver each but sit idle.
-        # The dashboard (its State API lets Train clean up after a crashed controller) listens on localhost only.
-        ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=True, dashboard_host="127.0.0.1")
+        check_address(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"--address {address}: cannot join a Ray cluster ({first})") from None
+        return
+    # One logical CPU more than the cores: Tune's and Train's driver actors hold a sliver each but sit idle.
+    # The dashboard (its State API lets Train clean up after a crashed controller) listens on localhost only.
+    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=True,
+             dashboard_host="127.0.0.1")
 
 
 def check_shared_storage(location: str, what: str = "distributed.storage_path") -> None:
@@ -148,7 +182,7 @@ def fit(cfg: Config, address: str | None = None, resume: bool = False,
         callbacks: Ray Train callbacks (a sweep passes Tune's TuneReportCallback).
     """
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from msad.engine.loop import UNEVALUATED_SCORE, train_loop_per_worker
 
@@ -161,7 +195,7 @@ def fit(cfg: Config, address: str | None = None, resume: bool = False,
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data_paths": {k: str(v) for k, v in asdict(paths).items()},
                            "fail_once_at": [fail_once_at[0], str(fail_once_at[1])] if fail_once_at else None},
-        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        torch_config=PreflightTorchConfig(backend="nccl" if d.use_gpu else "gloo"),  # nccl: GPU checked first
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -178,7 +212,7 @@ def fit(cfg: Config, address: str | None = None, resume: bool = False,
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
-        failure = RunFailedError(f"run {run_dir} failed: {_worker_error_line(err)}")
+        failure = RunFailedError(f"run {run_dir} failed: {gpu_error_line(str(err)) or _worker_error_line(err)}")
         failure.details = str(err)  # the full worker tracebacks, for logs
         raise failure from None
     def location(checkpoint: Any) -> str:
@@ -241,7 +275,7 @@ def evaluate_checkpoint(cfg: Config, weights: str, output_dir: Path, branch: str
     paths = resolve_data_paths(run_cfg.data)
     val_set = build_val_dataset(run_cfg, paths)
     check_num_classes(run_cfg, val_set)
-    model = build_model(run_cfg)
+    model = build_model(run_cfg, load_pretrained=False)  # every weight is in the checkpoint
     model.load_state_dict(state["model"])
     ctx = LocalContext()
     model.to(ctx.device)

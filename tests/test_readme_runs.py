@@ -1,0 +1,116 @@
+"""README's "Training runs" executed as written, from a fresh working directory, as separate `launch.py` processes.
+
+Tiny-size overrides are appended to each documented command (and the README's checkpoint paths, which name the
+config's iteration 300, point at the tiny run's last iteration instead). Along the way:
+- the teacher starts from ImageNet weights given by a RELATIVE path, and the student names its teacher by a
+  RELATIVE path: both must survive Ray's own working directories for trials and workers;
+- the teacher runs side by side with a second, unrelated `launch.py train`, both without `--address`, while a Ray
+  cluster started separately (as `ray start --head` does on a cluster's head) runs on the same machine: each must
+  start a Ray of its own;
+- `eval` (of the student and of the teacher) and `export` run after the ImageNet file is deleted: they take every
+  weight from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from msad.models.slimmable import SlimmableResNet50
+
+REPO = Path(__file__).resolve().parents[1]
+ITERATIONS = 2
+TINY = ["data.shapes.num_train=24", "data.shapes.num_val=6", "data.shapes.image_size=[96,128]",
+        "data.shapes.object_size=[8,40]", "data.train_short_sides=[128]", "data.test_short_side=128",
+        "data.num_workers=0", "model.fpn_channels=32", "model.gn_groups=8", f"train.iterations={ITERATIONS}",
+        "train.batch_per_worker=2", "train.lr_steps=[1]", "train.warmup_iters=1",
+        f"train.checkpoint_period={ITERATIONS}", "train.eval_period=0", "train.log_period=1",
+        "train.kd_warmup_iters=1"]
+
+
+def readme_training_commands() -> list[list[str]]:
+    """The `launch.py` command lines of README.md's "Training runs" block, continuations joined."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Training runs", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = block.replace("\\\n", " ").splitlines()
+    return [shlex.split(line.split("launch.py", 1)[1]) for line in commands if "launch.py" in line]
+
+
+def launch(cwd: Path, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "launch.py"), *argv], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(proc: subprocess.Popen, what: str) -> str:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{out[-2000:]}\n{err[-4000:]}"
+    return out
+
+
+def test_readme_training_runs_as_written(tmp_path: Path, shapes_cache: Path) -> None:
+    teacher_cmd, student_cmd, eval_cmd = readme_training_commands()
+    assert teacher_cmd[:2] == ["train", "configs/teacher_w025_cpu.yaml"] and student_cmd[0] == "train"
+    assert eval_cmd[0] == "eval"
+    work = tmp_path / "work"
+    shutil.copytree(REPO / "configs", work / "configs")  # the README's relative config paths
+    (work / "weights").mkdir()
+    imagenet = work / "weights" / "s_resnet50.pt"  # slimmable_networks' layout: {"model": {"module.<key>": ...}}
+    torch.save({"model": {f"module.{k}": v for k, v in SlimmableResNet50().state_dict().items()}}, imagenet)
+    tiny = [f"data.shapes.cache_dir={shapes_cache}", *TINY]
+    at_tiny_iteration = [arg.replace("checkpoint_0000300", f"checkpoint_{ITERATIONS:07d}") for arg in student_cmd]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    holder = subprocess.Popen([sys.executable, str(REPO / "tests" / "data" / "two_node_cluster.py"),
+                               "--head-cpus", "1", "--worker-nodes", "0"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip(), "the separately started Ray cluster did not come up"
+        teacher = launch(work, [*teacher_cmd, *tiny, "model.pretrained=weights/s_resnet50.pt"], env)
+        neighbour = launch(work, ["train", "configs/fcos_w025_cpu.yaml", *tiny, "distributed.run_name=neighbour"],
+                           env)
+        teacher_out, _ = finish(teacher, "README teacher"), finish(neighbour, "second run side by side")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=120)
+    teacher_summary = json.loads(teacher_out[teacher_out.index("{"):])
+    assert teacher_summary["checkpoint"] == str(work / "runs" / "teacher-w0.25-h256" / f"checkpoint_{ITERATIONS:07d}"
+                                                / "checkpoint.pt")
+    assert (work / "runs" / "neighbour" / "final_metrics.json").is_file()
+
+    student_out = finish(launch(work, [*at_tiny_iteration, *tiny], env), "README student (relative teacher path)")
+    student_summary = json.loads(student_out[student_out.index("{"):])
+    assert student_summary["iteration"] == ITERATIONS
+
+    imagenet.unlink()  # eval and export must not need it
+    eval_argv = [arg.replace("checkpoint_0000300", f"checkpoint_{ITERATIONS:07d}") for arg in eval_cmd]
+    metrics = json.loads(finish(launch(work, [*eval_argv, *tiny], env), "README eval of the student"))
+    assert metrics["role"] == "student" and 0.0 <= metrics["AP"] <= 1.0
+    teacher_eval = json.loads(finish(launch(work, [
+        "eval", "configs/teacher_w025_cpu.yaml", "--weights", teacher_summary["checkpoint"], *tiny,
+        "--output", "eval/teacher"], env), "eval of the teacher trained from the deleted ImageNet file"))
+    assert teacher_eval["role"] == "teacher" and 0.0 <= teacher_eval["AP"] <= 1.0
+    finish(launch(work, ["export", student_summary["checkpoint"], "--output", "student.pt"], env), "export")
+    assert (work / "student.pt").is_file()
+
+
+@pytest.mark.parametrize("address, message", [
+    ("no-such-host:notaport", "--address no-such-host:notaport: invalid address; expected 'auto'"),
+    ("127.0.0.1:1", "--address 127.0.0.1:1: no Ray cluster answers at 127.0.0.1:1"),
+])
+def test_bad_address_is_one_line_exit_2(tmp_path: Path, shapes_cache: Path, address: str, message: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), "train", str(REPO / "configs" /
+                           "teacher_w025_cpu.yaml"), "--address", address, f"data.shapes.cache_dir={shapes_cache}",
+                           *TINY], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {message}") and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
