@@ -13,7 +13,6 @@ import pytest
 
 from msad.config import Config, TrackingConfig
 from msad.errors import UserError
-from msad.sweep.report import TrialSummary
 from msad.sweep.tracking import SUMMARY_KEYS, make_wandb_callback, scrub_secrets, sync_command, wandb_mode
 
 FAKE_KEY = "fakewandbkey0123456789abcdef0123456789abcd"  # 40 characters, like a real key
@@ -90,31 +89,31 @@ def test_sync_command_quotes_the_folder_and_leaves_the_glob() -> None:
 TRIALS = {
     "teacher-w0.25-h256": ("teacher", None, None, 0.0852),
     "student-w0.25-l128-kd0.2-t3": ("student", 0.2, 3.0, 0.1331),
+    "student-w0.25-l128-kd0.5-t3": ("student", 0.5, 3.0, None),  # fails after two iterations
 }
 
 
-def _msad_config(role: str) -> dict[str, Any]:
+def _msad_config(role: str, kd_alpha: float | None) -> dict[str, Any]:
     config = Config().to_dict()
     config["train"]["role"] = role
     config["model"]["width"] = 0.25
-    config["distributed"]["storage_credentials"] = {"aws_secret_access_key": PLANTED_SECRET}  # must be scrubbed
+    config["data"]["test_short_side"] = 256
+    if kd_alpha is not None:
+        config["train"]["kd_alpha"] = kd_alpha
     return config
 
 
 def _trainable(config: dict[str, Any]) -> None:
-    """Two training reports, then the trial's summary (as the sweep runner reports it last)."""
+    """Two training reports, then the trial's final metrics (as the sweep runner reports them last): the same
+    iteration again, with the AP and the best checkpoint. One student fails instead."""
     from ray import tune
 
     for step in (1, 2):
-        tune.report({"iteration": step, "loss_total": 2.0 / step})
-    role, kd_alpha, kd_temperature, ap = TRIALS[config["trial_name"]]
-    summary = TrialSummary(
-        name=config["trial_name"], role=role, width=0.25, h_short_side=256, l_short_side=128,
-        resolution="H & L" if role == "teacher" else "L", kd_alpha=kd_alpha, kd_temperature=kd_temperature,
-        iterations=2, sched="2it", capacity=0.085, capacity_at_run_resolution=0.0087, published_capacity=0.08,
-        gflops=71.5, AP=ap, AP50=0.25, AP75=None, APs=0.01, APm=0.1, APl=0.2, status="TERMINATED", error=None,
-        checkpoint="/ckpt/model.pt", teacher_checkpoint=None, trial_id=None)
-    tune.report({"iteration": 3, **summary.tune_metrics()})
+        tune.report({"iteration": step, "loss_total": 2.0 / step, "lr": 0.01})
+    _, _, _, ap = TRIALS[config["trial_name"]]
+    if ap is None:
+        raise RuntimeError("injected failure after iteration 2")
+    tune.report({"iteration": 2, "loss_total": 1.0, "AP": ap, "AP50": 0.25, "best_checkpoint": "/ckpt/model.pt"})
 
 
 def _read_wandb_run(run_dir: Path) -> dict[str, Any]:
@@ -140,7 +139,11 @@ def _read_wandb_run(run_dir: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def tune_run(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real Tune run with the sweep's two driver callbacks (W&B logger and report rows), W&B offline, a key in
+    the driver's environment."""
     from ray import cloudpickle, tune
+
+    from msad.sweep.runner import TrialSummaryCallback
 
     storage = tmp_path_factory.mktemp("tune")
     experiment_dir = storage / "exp"
@@ -150,25 +153,26 @@ def tune_run(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Pat
     try:
         callback = make_wandb_callback(TrackingConfig(project="msad-test", mode="offline", tags=["sweep-test"]),
                                        "exp", experiment_dir)
-        role_of = lambda spec: TRIALS[spec.config.trial_name][0]  # noqa: E731
+        spec = lambda s: TRIALS[s.config.trial_name]  # noqa: E731
         tuner = tune.Tuner(
             _trainable,
-            param_space={"trial_name": tune.grid_search(list(TRIALS)), "role": tune.sample_from(role_of),
-                         "msad": tune.sample_from(lambda spec: _msad_config(role_of(spec)))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=2),
-            run_config=tune.RunConfig(name="exp", storage_path=str(storage), callbacks=[callback], verbose=0),
+            param_space={"trial_name": tune.grid_search(list(TRIALS)), "role": tune.sample_from(lambda s: spec(s)[0]),
+                         "msad": tune.sample_from(lambda s: _msad_config(spec(s)[0], spec(s)[1]))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=3),
+            run_config=tune.RunConfig(name="exp", storage_path=str(storage), verbose=0,
+                                      callbacks=[callback, TrialSummaryCallback(experiment_dir, callback)]),
         )
         results = tuner.fit()
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
         mp.undo()
-    assert not results.errors
+    assert len(results.errors) == 1
     return experiment_dir
 
 
 def test_tune_trials_become_offline_wandb_runs_named_grouped_and_tagged(tune_run: Path) -> None:
     run_dirs = sorted((tune_run / "wandb").glob("offline-run-*"))
-    assert len(run_dirs) == 2 and all(len(list(d.glob("run-*.wandb"))) == 1 for d in run_dirs)
+    assert len(run_dirs) == 3 and all(len(list(d.glob("run-*.wandb"))) == 1 for d in run_dirs)
     runs = {run["display_name"]: run for run in map(_read_wandb_run, run_dirs)}
     assert set(runs) == set(TRIALS)
     for name, (role, kd_alpha, kd_temperature, ap) in TRIALS.items():
@@ -176,31 +180,42 @@ def test_tune_trials_become_offline_wandb_runs_named_grouped_and_tagged(tune_run
         assert (run["project"], run["run_group"], run["job_type"]) == ("msad-test", "exp", role)
         assert run["tags"] == ["sweep-test", role, "w0.25"]
 
-        expected = scrub_secrets(_msad_config(role))
+        expected = _msad_config(role, kd_alpha)
         assert {key: run["config"][key] for key in expected} == expected  # the whole msad config, sections nested
-        assert run["config"]["distributed"]["storage_credentials"] == {}
         assert not {"trial_name", "role", "msad"} & set(run["config"])  # Tune's trial config is not mixed in
 
         summary = run["summary"]
-        assert set(SUMMARY_KEYS) <= set(summary)  # the same keys on every run, strings and missing values too
-        assert (summary["name"], summary["role"], summary["status"]) == (name, role, "TERMINATED")
-        assert (summary["width"], summary["h_short_side"], summary["capacity"], summary["gflops"]) == (
-            0.25, 256, 0.085, 71.5)
-        assert summary["AP"] == ap and summary["AP50"] == 0.25 and summary["sched"] == "2it"
-        assert summary["AP75"] == "NaN"  # None is logged as NaN so the column exists; wandb's JSON spells it so
+        assert set(SUMMARY_KEYS) <= set(summary)  # the same keys on every run, however it ended
+        assert (summary["name"], summary["role"], summary["width"], summary["h_short_side"]) == (name, role, 0.25,
+                                                                                                256)
+        assert summary["gflops"] > 0 and summary["capacity"] > 0
+        if ap is None:
+            assert summary["status"] == "ERROR" and "injected failure after iteration 2" in summary["error"]
+            assert summary["AP"] is None  # unmeasured: the key is there (NaN in the run, null in wandb's JSON)
+        else:
+            assert summary["status"] == "TERMINATED" and summary["error"] is None
+            assert summary["AP"] == ap and summary["AP50"] == 0.25 and summary["checkpoint"] == "/ckpt/model.pt"
+            assert summary["AP75"] is None
         if role == "student":
             assert (summary["kd_alpha"], summary["kd_temperature"]) == (kd_alpha, kd_temperature)
         else:
-            assert summary["kd_alpha"] == "NaN" and summary["teacher_checkpoint"] == "NaN"
-        assert [h["loss_total"] for h in run["history"] if "loss_total" in h] == [2.0, 1.0]
-        assert [h["_step"] for h in run["history"]] == [1, 2, 3]  # Tune's training_iteration is the W&B step
+            assert summary["kd_alpha"] is None and summary["teacher_checkpoint"] is None
+        # step = the msad iteration; the final report repeats iteration 2 and adds no point
+        assert [h["_step"] for h in run["history"]] == [1, 2]
+        assert [h["loss_total"] for h in run["history"]] == [2.0, 1.0]
         assert not math.isnan(summary["_runtime"])
 
 
-def test_no_file_in_the_experiment_holds_the_api_key_or_a_scrubbed_secret(tune_run: Path) -> None:
+def test_no_file_in_the_experiment_holds_the_api_key(tune_run: Path) -> None:
     files = [p for p in tune_run.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files) and any(p.name.endswith(".log") for p in files)
     assert [p for p in files if FAKE_KEY.encode() in p.read_bytes()] == []
-    # Tune itself stores the trial config (params.json, result.json); W&B's files must not hold the scrubbed value.
-    assert [p for p in (tune_run / "wandb").rglob("*") if p.is_file() and PLANTED_SECRET.encode() in p.read_bytes()
-            ] == []
+
+
+def test_run_config_drops_credential_keys(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from msad.sweep.tracking import WandbTrialLogger
+
+    trial = SimpleNamespace(config={"msad": {"distributed": {"aws_secret_access_key": PLANTED_SECRET, "x": 1}}})
+    assert WandbTrialLogger.run_config(trial) == {"distributed": {"x": 1}}

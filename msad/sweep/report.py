@@ -260,10 +260,6 @@ class TrialSummary:
         return dataclasses.replace(self, **values, status=status,
                                    checkpoint=None if checkpoint is None else str(checkpoint))
 
-    def tune_metrics(self) -> dict[str, Any]:
-        """The summary as metrics for the trial's last `ray.tune.report`, so W&B's run summary holds every field."""
-        return dataclasses.asdict(self)
-
     def to_json(self) -> str:
         """Strict JSON (no NaN): unmeasured metrics are null."""
         data = dataclasses.asdict(self)

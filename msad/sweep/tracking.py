@@ -1,17 +1,20 @@
 """Weights & Biases tracking for sweeps: one W&B run per Tune trial, grouped by experiment, never holding the key.
 
-Ray's `WandbLoggerCallback` does the plumbing (one logging actor per trial, results forwarded as they arrive). The
-subclass here only changes what each trial's run looks like:
+`WandbTrialLogger` is a Tune callback that logs from the sweep driver with wandb's public API (`wandb.init` with
+`reinit="create_new"`, one run object per trial). Logging from the driver, rather than from a Ray actor per trial
+as Ray's `WandbLoggerCallback` does, keeps the key out of every Ray runtime environment (Ray's runtime-env agent
+logs those) and out of Ray's private logging-actor API; the driver already receives every result.
 
 - group = experiment name, job_type = role, name = the trial's name, tags = `tracking.tags` + [role, "w<width>"];
 - the W&B config is the trial's msad config (`trial.config["msad"]`) with secret-looking keys removed;
-- runs are written under the experiment directory (`EXPERIMENT_DIR/wandb/`), so offline runs travel with it;
-- the summary keys the trial function reports last (role, width, capacity, AP, ... see `SUMMARY_KEYS`) all reach
-  W&B's summary, strings included (Ray's logger keeps numbers only) and `None` as NaN, so every run has the same
-  summary columns.
+- step = the msad iteration: a trial restarted from a checkpoint replays iterations it had already logged, and
+  those are skipped, so its curve continues instead of being dropped or doubled;
+- every run ends with the same summary keys (`SUMMARY_KEYS`: the trial's report row, None as NaN) and its
+  `status`, whether it finished, was stopped by the scheduler, failed or was interrupted;
+- runs are written under `EXPERIMENT_DIR/wandb/`, so offline runs travel with the experiment.
 
-The API key is never passed as an argument and never logged: wandb reads `WANDB_API_KEY` (or `~/.netrc`) itself,
-and Ray hands the variable to the logging actor through its runtime environment, not through any config.
+The API key is never passed as an argument nor written anywhere by msad: wandb reads `WANDB_API_KEY` (or the
+driver machine's `~/.netrc`, from `wandb login`) itself, in the driver process only.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
@@ -101,36 +103,28 @@ def _trial_value(trial: Trial, key: str) -> Any:
                        "and msad on every trial)") from None
 
 
-class _MsadLoggingActor(_WandbLoggingActor):
-    """Ray's per-trial logging actor, keeping string and None summary values and waiting for wandb to write.
-
-    Ray logs numbers and media only; a trial's role, schedule, status and checkpoint are strings, and a metric
-    that was never measured is None. wandb keeps strings in history and summary, and NaN marks a missing number.
-    """
-
-    def run(self) -> None:
-        try:
-            super().run()
-        finally:
-            # Ray kills this actor (and with it the wandb-core process) as soon as run() returns, and wandb.finish()
-            # returns before wandb-core has written the run's last records: without this wait the run-*.wandb file
-            # can end up empty. teardown() is what wandb's atexit hook would do, and a killed actor never runs it.
-            self._wandb.teardown()
-
-    def _handle_result(self, result: dict) -> tuple[dict, dict]:
-        log, config_update = super()._handle_result(result)
-        for key in SUMMARY_KEYS:
-            if key in result and key not in log and key not in self._exclude:
-                value = result[key]
-                if value is None:
-                    log[key] = math.nan
-                elif isinstance(value, str):
-                    log[key] = value
-        return log, config_update
+# Tune's own bookkeeping in every result: not metrics of the model.
+TUNE_KEYS = frozenset({"training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "time_since_restore",
+                       "iterations_since_restore", "pid", "done", "should_checkpoint"})
 
 
-class MsadWandbCallback(WandbLoggerCallback):
-    """`WandbLoggerCallback` that names, groups, tags and configures each trial's run from the trial's config.
+def _history_values(result: dict[str, Any]) -> dict[str, float | int]:
+    """The numbers of a result worth a point in W&B's history (bools and Tune's bookkeeping left out)."""
+    return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k not in TUNE_KEYS}
+
+
+def summary_values(summary: TrialSummary) -> dict[str, Any]:
+    """A run's final summary: every field of the trial's report row, `status` (TERMINATED, STOPPED, ERROR) and
+    `error` included; None as NaN, so each column exists on every run."""
+    return {k: math.nan if v is None else v for k, v in dataclasses.asdict(summary).items()}
+
+
+class WandbTrialLogger(Callback):
+    """One W&B run per trial, logged from the sweep driver (see the module docstring for what each run holds).
+
+    `TrialSummaryCallback` calls `finish_trial` with the trial's report row when a trial ends, so W&B and the
+    report show the same numbers; `on_experiment_end` closes runs still open after Ctrl-C.
 
     Args:
         tracking: the `tracking` config section (project, entity, tags).
@@ -139,54 +133,62 @@ class MsadWandbCallback(WandbLoggerCallback):
         experiment_dir: local experiment folder; wandb writes `experiment_dir/wandb/`.
     """
 
-    _logger_actor_cls = _MsadLoggingActor
-
     def __init__(self, tracking: TrackingConfig, mode: str, experiment_name: str, experiment_dir: Path) -> None:
-        # Per-trial values are added in log_trial_start. Ray's default excludes ("done", "should_checkpoint",
-        # "config") stay; nothing the trial reports is dropped, so W&B's summary holds its last values.
-        super().__init__(project=tracking.project, group=experiment_name, excludes=[], log_config=False,
-                         upload_checkpoints=False)
         self.tracking = tracking
         self.mode = mode
+        self.experiment_name = experiment_name
         self.experiment_dir = Path(experiment_dir)
-        # resume="allow": a resumed sweep continues a trial's run (same id, the trial id) instead of clashing.
-        self._common_kwargs: dict[str, Any] = {"dir": str(self.experiment_dir), "mode": mode, "resume": "allow"}
-        if tracking.entity:
-            self._common_kwargs["entity"] = tracking.entity
+        self._runs: dict[str, Any] = {}  # trial id -> wandb Run
+        self._last_step: dict[str, int] = {}
 
-    def setup(self, *args: Any, **kwargs: Any) -> None:
-        # Ray's setup insists on a key unless WANDB_MODE is offline/disabled in the *environment*; our mode is an
-        # init argument, so only an online run needs the check (it raises early, with Ray's message, without one).
-        if self.mode == "online":
-            super().setup(*args, **kwargs)
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune saves its callbacks with the experiment; open runs belong to this process only.
+        return {**self.__dict__, "_runs": {}, "_last_step": {}}
+
+    def setup(self, **info: Any) -> None:
+        if self.mode == "online" and not wandb_api_key_available():
+            raise UserError("tracking.mode: online needs a W&B API key (WANDB_API_KEY or `wandb login` on the "
+                            "machine that runs the sweep); use offline or auto to log without one")
         self.experiment_dir.mkdir(parents=True, exist_ok=True)  # wandb falls back to /tmp when `dir` is missing
 
-    def log_trial_start(self, trial: Trial) -> None:
-        # Ray's log_trial_start merges self.kwargs over its defaults into the wandb.init arguments, so setting them
-        # per trial here customises each run without copying Ray's logic. Tune calls this from its single driver
-        # loop, one trial at a time.
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        if trial.trial_id in self._runs:  # the same trial started again (Tune retry): its run goes on
+            return
+        import wandb
+
         role = str(_trial_value(trial, "role"))
         width = float(_trial_value(trial, "msad")["model"]["width"])
-        self.kwargs = {
-            **self._common_kwargs,
-            "job_type": role,
-            "name": str(_trial_value(trial, "trial_name")),
-            "tags": [*self.tracking.tags, role, f"w{width}"],
-            "config": self.run_config(trial),
-        }
-        super().log_trial_start(trial)
+        run = wandb.init(
+            project=self.tracking.project, entity=self.tracking.entity, group=self.experiment_name, job_type=role,
+            name=str(_trial_value(trial, "trial_name")), tags=[*self.tracking.tags, role, f"w{width:g}"],
+            config=self.run_config(trial), dir=str(self.experiment_dir), mode=self.mode,
+            id=trial.trial_id, resume="allow",  # a resumed sweep continues each trial's run
+            reinit="create_new",  # one run object per trial in this process, several open at once
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, disable_git=True),
+        )
+        self._runs[trial.trial_id] = run
+        self._last_step[trial.trial_id] = int(run.step or 0)
 
-    def log_trial_result(self, iteration: int, trial: Trial, result: dict) -> None:
-        # Ray's logging actor writes result["config"] (Tune puts the whole trial config there) into the W&B config
-        # on every result: keep it equal to the scrubbed msad config so nothing else, and no secret, leaks in.
-        super().log_trial_result(iteration, trial, {**result, "config": self.run_config(trial)})
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        run, step = self._runs.get(trial.trial_id), result.get("iteration")
+        if run is None or not isinstance(step, int) or step <= self._last_step[trial.trial_id]:
+            return  # not an msad report, or an iteration logged before a restart from an earlier checkpoint
+        run.log(_history_values(result), step=step)
+        self._last_step[trial.trial_id] = step
+
+    def finish_trial(self, trial: Trial, summary: TrialSummary) -> None:
+        """Write the trial's report row into its run's summary and close the run."""
+        run = self._runs.pop(trial.trial_id, None)
+        if run is None:
+            return
+        run.summary.update(summary_values(summary))
+        run.finish(exit_code=1 if summary.status == "ERROR" else 0)
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
-        # After Ctrl-C, trials still running never got log_trial_end, so Ray's cleanup would wait its whole upload
-        # timeout (30 min) for their logging actors. End their runs cleanly first; W&B keeps what they logged.
-        for trial in list(self._trial_queues):
-            self._signal_logging_actor_stop(trial)
-        super().on_experiment_end(trials, **info)
+        for trial_id in list(self._runs):  # interrupted (Ctrl-C): keep what was logged, say so
+            run = self._runs.pop(trial_id)
+            run.summary.update({"status": "INTERRUPTED"})
+            run.finish(exit_code=0)
 
     @staticmethod
     def run_config(trial: Trial) -> dict[str, Any]:
@@ -194,7 +196,8 @@ class MsadWandbCallback(WandbLoggerCallback):
         return scrub_secrets(_trial_value(trial, "msad"))
 
 
-def make_wandb_callback(tracking: TrackingConfig, experiment_name: str, experiment_dir: Path) -> Callback | None:
+def make_wandb_callback(tracking: TrackingConfig, experiment_name: str,
+                        experiment_dir: Path) -> WandbTrialLogger | None:
     """The Tune callback that tracks a sweep in W&B, or None when `tracking.mode` resolves to "disabled".
 
     Put it in `ray.tune.RunConfig(callbacks=[...])` (a Tune callback: Train's RunConfig rejects it).
@@ -207,7 +210,7 @@ def make_wandb_callback(tracking: TrackingConfig, experiment_name: str, experime
     mode = wandb_mode(tracking.mode)
     if mode == "disabled":
         return None
-    return MsadWandbCallback(tracking, mode, experiment_name, Path(experiment_dir))
+    return WandbTrialLogger(tracking, mode, experiment_name, Path(experiment_dir))
 
 
 def sync_command(experiment_dir: Path | str) -> str:
