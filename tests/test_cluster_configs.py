@@ -330,12 +330,17 @@ def test_rayjob_keeps_secrets_out_and_endpoints_in(rayjob: dict[str, Any], paper
     cluster = rayjob["spec"]["rayClusterSpec"]
     assert cluster["authOptions"]["mode"] == "token"
     assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
-    for group in containers(rayjob).values():
-        for container in group:
-            (wandb,) = [e for e in container["env"] if e["name"] == "WANDB_API_KEY"]
-            assert "value" not in wandb
-            assert {"name", "key"} <= set(wandb["valueFrom"]["secretKeyRef"])
+    for group, group_containers in containers(rayjob).items():
+        for container in group_containers:
+            keys = [e for e in container.get("env", []) if e["name"] == "WANDB_API_KEY"]
+            if group == "head":  # the sweep driver, the only W&B client, runs on the head: a Secret, never a value
+                (wandb,) = keys
+                assert "value" not in wandb
+                assert {"name", "key"} <= set(wandb["valueFrom"]["secretKeyRef"])
+            else:
+                assert keys == []  # workers never talk to W&B: the key stays off GPU pods
             assert SHARED_MOUNT in {Path(m["mountPath"]) for m in container["volumeMounts"]}
+    assert "WANDB_API_KEY" not in rayjob["spec"]["runtimeEnvYAML"]  # Ray logs runtime envs
     assert Path(paper.experiment_dir).is_relative_to(SHARED_MOUNT)
 
 

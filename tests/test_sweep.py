@@ -19,6 +19,7 @@ from msad.sweep.report import read_trial_summaries
 from msad.sweep.runner import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
+CANARY = "msadcanary" + "fedcba9876543210fedcba98"  # W&B-key-like, searched for in every file a sweep writes
 
 
 def tiny_sweep(tmp: Path, cache: Path, name: str, body: dict, iterations: int = 4) -> Path:
@@ -59,7 +60,9 @@ def two_widths(ray_session: None, tmp_path_factory: pytest.TempPathFactory, shap
                                   {"model.width": 0.25, "train.kd_alpha": 0.2}, {"model.width": 0.75}]},
         "max_concurrent_trials": 3,
     })
-    home = run_sweep(path, [])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_API_KEY", CANARY)  # in the driver's environment while the sweep runs: must be written nowhere
+        home = run_sweep(path, [])
     return home, {s.name: s for s in read_trial_summaries(home)}
 
 
@@ -92,6 +95,19 @@ def test_failed_teacher_fails_its_students_naming_it(two_widths) -> None:
     assert "teacher teacher-w0.75-h128 (width 0.75) failed; its students were not run" in orphan.error
     assert rows["teacher-w0.5-h128"].status == "TERMINATED"  # the other widths went on
     assert rows["student-w0.25-l64-kd0.2-t3"].status == "TERMINATED"
+
+
+def test_canary_key_appears_in_no_file_of_the_sweep_or_of_ray(two_widths) -> None:
+    """Local Ray: the experiment (rows, Tune's state, Train runs, W&B runs) and this Ray's session directory (logs of
+    every process, the runtime-env agent's included). The cluster case is in tests/test_node_loss.py."""
+    import ray
+
+    home, _ = two_widths
+    session = Path(ray._private.worker._global_node.get_session_dir_path())  # the test session's own Ray
+    files = [p for root in (home, session) for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert len(files) > 100 and any(p.suffix == ".wandb" for p in files)
+    assert any(p.name.startswith("runtime_env") for p in (session / "logs").iterdir())
+    assert [p for p in files if CANARY.encode() in p.read_bytes()] == []
 
 
 def test_report_and_wandb_match_the_trials(two_widths) -> None:

@@ -10,6 +10,8 @@ import json
 import os
 import re
 import socket
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,36 +97,86 @@ def init_ray(address: str | None) -> None:
              dashboard_host="127.0.0.1")
 
 
-def check_shared_storage(location: str, what: str = "distributed.storage_path") -> None:
-    """On a multi-node cluster, refuse a storage path that some node cannot see (before any trial starts).
+STORAGE_CHECK_TIMEOUT_S = 60.0
 
-    Object-store URIs are shared by construction. For a path, the driver writes a marker file and a task pinned to
-    every alive node looks for it: an NFS mount passes, a head-local folder fails, naming the first blind node.
+
+@dataclass
+class StorageProbe:
+    """Nodes (id -> "address (id)") that did not see the driver's marker file, and those that gave no answer in
+    time or left while answering."""
+
+    blind: dict[str, str]
+    silent: dict[str, str]
+
+
+def probe_shared_storage(location: str, node_ids: list[str] | None = None,
+                         timeout: float = STORAGE_CHECK_TIMEOUT_S) -> StorageProbe:
+    """Ask nodes whether they see a marker file the driver writes under `location` (a path; URIs are shared).
+
+    Args:
+        location: distributed.storage_path (a local or NFS path).
+        node_ids: the nodes to ask (default: every alive node).
+        timeout: how long to wait for answers; a node that is still joining, or is leaving, may not answer.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if storage.is_uri(location) or len(nodes) < 2:
-        return
+    alive = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    targets = {node: alive[node] for node in (node_ids if node_ids is not None else alive) if node in alive}
+    if storage.is_uri(location) or not targets:
+        return StorageProbe({}, {})
     root = Path(storage.resolve(location))
     root.mkdir(parents=True, exist_ok=True)
-    marker = root / f".msad-shared-check-{os.getpid()}"
+    marker = root / f".msad-shared-check-{os.getpid()}-{time.monotonic_ns()}"
     marker.write_text("msad")
 
-    @ray.remote(num_cpus=0)
+    @ray.remote(num_cpus=0, max_retries=0)
     def sees(path: str) -> bool:
         return Path(path).is_file()
 
     try:
-        checks = {n["NodeManagerAddress"]: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            n["NodeID"], soft=False)).remote(str(marker)) for n in nodes}
-        blind = [address for address, ref in checks.items() if not ray.get(ref, timeout=120)]
+        refs = {sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(marker)):
+                node for node in targets}
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        label = {node: f"{address} ({node[:12]})" for node, address in targets.items()}
+        blind, silent = {}, {refs[r]: label[refs[r]] for r in pending}
+        for ref in ready:
+            node = refs[ref]
+            try:
+                if not ray.get(ref):
+                    blind[node] = label[node]
+            except ray.exceptions.RayError:  # the node went away while answering
+                silent[node] = label[node]
+        for ref in pending:
+            ray.cancel(ref, force=True)
     finally:
         marker.unlink(missing_ok=True)
-    if blind:
-        raise UserError(f"{what}: {root} is not shared by every node (node {blind[0]} cannot see it); use a path "
+    return StorageProbe(blind, silent)
+
+
+def check_shared_storage(location: str, what: str = "distributed.storage_path") -> list[str]:
+    """On a multi-node cluster, refuse a storage path that some node cannot see (before any trial starts).
+
+    Object-store URIs are shared by construction. For a path, the driver writes a marker file and a task pinned to
+    every alive node looks for it: an NFS mount passes, a head-local folder fails, naming the first blind node.
+    A node that does not answer in time (joining, or leaving in an autoscaling event) is reported, not fatal: it
+    runs no trial yet, and `SharedStorageWatch` checks nodes again as they join. Returns the node ids checked.
+    """
+    import ray
+
+    alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    if storage.is_uri(location) or len(alive) < 2:
+        return alive
+    probe = probe_shared_storage(location, alive)
+    if probe.blind:
+        root, first = storage.resolve(location), next(iter(probe.blind.values()))
+        raise UserError(f"{what}: {root} is not shared by every node (node {first} cannot see it); use a path "
                         "mounted alike on every node (NFS) or s3://bucket/prefix")
+    if probe.silent:
+        print(f"warning: {what}: node(s) {', '.join(probe.silent.values())} did not answer the shared-storage check in "
+              f"{STORAGE_CHECK_TIMEOUT_S:.0f} s (joining or leaving?); they are checked again when they are up",
+              file=sys.stderr, flush=True)
+    return alive
 
 
 def prepare_run(cfg: Config) -> tuple[DataPaths, str]:
@@ -171,7 +223,8 @@ def _worker_error_line(err: BaseException) -> str:
 
 
 def fit(cfg: Config, address: str | None = None, resume: bool = False,
-        fail_once_at: tuple[int, Path] | None = None, callbacks: list[Any] | None = None) -> RunResult:
+        fail_once_at: tuple[int, Path] | None = None, callbacks: list[Any] | None = None,
+        check_storage: bool = True) -> RunResult:
     """Run one training with Ray Train. Re-running the same run_name (same config) resumes from its checkpoints.
 
     Args:
@@ -180,6 +233,7 @@ def fit(cfg: Config, address: str | None = None, resume: bool = False,
         resume: accepted for symmetry with sweeps; an existing run is always continued.
         fail_once_at: fault injection for tests (see msad.engine.loop.run_training).
         callbacks: Ray Train callbacks (a sweep passes Tune's TuneReportCallback).
+        check_storage: check that every node sees distributed.storage_path (a sweep checks once for all trials).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -188,7 +242,8 @@ def fit(cfg: Config, address: str | None = None, resume: bool = False,
 
     paths, run_dir = prepare_run(cfg)
     init_ray(address)
-    check_shared_storage(cfg.distributed.storage_path)
+    if check_storage:
+        check_shared_storage(cfg.distributed.storage_path)
     d = cfg.distributed
     resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.use_gpu else {})}
     trainer = TorchTrainer(

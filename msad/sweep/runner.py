@@ -13,6 +13,7 @@ import dataclasses
 import os
 import pickle
 import re
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,7 +28,7 @@ from msad.engine import storage
 from msad.errors import UserError
 from msad.sweep.report import RESULTS_DIR, TrialSummary, read_trial_summaries, write_report, write_trial_summary
 from msad.sweep.spec import Sweep, TrialSpec, load_sweep
-from msad.sweep.tracking import make_wandb_callback, sync_command
+from msad.sweep.tracking import WandbTrialLogger, make_wandb_callback, sync_command
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -143,10 +144,10 @@ def run_trial(config: dict[str, Any]) -> None:
     if config.get("dependency_error"):
         raise DependencyFailedError(config["dependency_error"])
     cfg = config_from_dict(config["msad"])
-    result = fit(cfg, callbacks=[TuneReportCallback()])
-    summary = TrialSummary.for_trial(config, cfg).finished(result.metrics, result.best_checkpoint)
-    # the same keys on every trial's last result, so W&B summaries line up (tables, parallel coordinates, scatter)
-    ray.tune.report({**result.metrics, **summary.tune_metrics(), "best_checkpoint": result.best_checkpoint})
+    result = fit(cfg, callbacks=[TuneReportCallback()], check_storage=False)  # the sweep checked, and watches
+    # the last result names the best checkpoint: the driver's TrialSummaryCallback turns it into the report row
+    # (and W&B summary), and the searcher hands it to the width's students
+    ray.tune.report({**result.metrics, "best_checkpoint": result.best_checkpoint})
 
 
 def _error_line(trial: Any) -> str:
@@ -163,14 +164,20 @@ def _summary_base(trial: Any) -> TrialSummary:
 
 
 class TrialSummaryCallback(Callback):
-    """Writes each ended trial's row (results/<trial>.json) for the report, on the driver.
+    """Writes each ended trial's row (results/<trial>.json) for the report, on the driver, and closes the trial's
+    W&B run with the same row as its summary.
 
     It runs where the sweep was launched, so the report and W&B files stay on that machine even when trials run on
     other nodes and their checkpoints live in an object store.
+
+    Args:
+        results_dir: the local experiment folder (rows go to its results/).
+        wandb: the sweep's W&B logger, if tracking is on.
     """
 
-    def __init__(self, results_dir: Path) -> None:
+    def __init__(self, results_dir: Path, wandb: WandbTrialLogger | None = None) -> None:
         self.results_dir = results_dir
+        self.wandb = wandb
         self.started: dict[str, float] = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -179,6 +186,8 @@ class TrialSummaryCallback(Callback):
     def _write(self, trial: Any, summary: TrialSummary) -> None:
         timed = dataclasses.replace(summary, started_at=self.started.get(trial.trial_id), ended_at=time.time())
         write_trial_summary(self.results_dir, timed)
+        if self.wandb is not None:
+            self.wandb.finish_trial(trial, timed)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
@@ -191,6 +200,44 @@ class TrialSummaryCallback(Callback):
         self._write(trial, _summary_base(trial).failed(_error_line(trial)))
 
 
+class SharedStorageWatch(Callback):
+    """Checks nodes that join during the sweep (autoscaling) for the shared storage, as the sweep checked the first.
+
+    A node that cannot see `distributed.storage_path` is named in one line: trials placed there would write
+    checkpoints the driver and other nodes never see. Checks run as tasks and are collected without blocking Tune.
+
+    Args:
+        location: distributed.storage_path.
+        checked: node ids already checked (the sweep's start).
+        period_s: how often to look for new nodes.
+    """
+
+    def __init__(self, location: str, checked: list[str], period_s: float = 30.0) -> None:
+        self.location, self.checked, self.period_s = location, set(checked), period_s
+        self._next = time.monotonic() + period_s
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "checked": set()}  # a resumed sweep checks its cluster afresh
+
+    def on_step(self, iteration: int, trials: list, **info: Any) -> None:
+        if storage.is_uri(self.location) or time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self.period_s
+        import ray
+
+        from msad.engine.trainer import probe_shared_storage
+
+        new = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] not in self.checked]
+        if not new:
+            return
+        probe = probe_shared_storage(self.location, new, timeout=5.0)
+        self.checked.update(node for node in new if node not in probe.silent)  # silent ones: ask again later
+        for node in probe.blind.values():
+            print(f"warning: distributed.storage_path: node {node} joined and cannot see "
+                  f"{storage.resolve(self.location)}; trials placed there cannot save checkpoints where the driver "
+                  "reads them: mount the shared storage on it", file=sys.stderr, flush=True)
+
+
 def _progress_reporter() -> Any:
     from ray.tune import CLIReporter
 
@@ -200,6 +247,20 @@ def _progress_reporter() -> Any:
         metric_columns={"iteration": "iter", "loss_total": "loss", "latest_AP": "AP"},
         max_report_frequency=30,
     )
+
+
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node (1.0 there, absent elsewhere)
+
+
+def trial_driver_resources(sweep: Sweep) -> dict[str, float]:
+    """What each trial's driver actor holds: the sweep's `trial_resources`, on the head node.
+
+    A trial's driver (its Tune actor, which owns the Train controller) is where a trial lives: if its node goes
+    away, the trial errors even though its Train run could go on from a checkpoint. The head cannot be lost
+    without losing the cluster, and GPU nodes are often spot or autoscaled, so drivers stay on the head while their
+    Train workers go wherever the GPUs are; a lost worker node only restarts the workers (distributed.max_failures).
+    """
+    return {**sweep.spec.trial_resources, HEAD_NODE_RESOURCE: 0.001}
 
 
 def local_home(sweep: Sweep) -> Path:
@@ -229,9 +290,9 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
         raise UserError(f"{experiment_dir}: no experiment to resume; run without --resume to start it")
     resolve_data_paths(sweep.base.data)  # generate the built-in dataset once, before trials race for it
     init_ray(address)
-    check_shared_storage(sweep.base.distributed.storage_path)
+    checked_nodes = check_shared_storage(sweep.base.distributed.storage_path)
 
-    trainable = tune.with_resources(run_trial, dict(sweep.spec.trial_resources))
+    trainable = tune.with_resources(run_trial, trial_driver_resources(sweep))
     if exists and tune.Tuner.can_restore(experiment_dir):
         tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -248,7 +309,9 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
             ),
             run_config=tune.RunConfig(
                 name=sweep.spec.name, storage_path=storage.resolve(sweep.base.distributed.storage_path),
-                callbacks=[TrialSummaryCallback(home), *([wandb] if wandb else [])],
+                failure_config=tune.FailureConfig(max_failures=sweep.spec.trial_retries),
+                callbacks=[*([wandb] if wandb else []), TrialSummaryCallback(home, wandb),
+                           SharedStorageWatch(sweep.base.distributed.storage_path, checked_nodes)],
                 progress_reporter=_progress_reporter()),
         )
     tuner.fit()  # on Ctrl-C Tune saves the experiment's state and returns early

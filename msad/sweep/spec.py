@@ -64,6 +64,9 @@ class SweepFile:
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     max_concurrent_trials: int = 2
     trial_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 0.05})  # the (idle) trial driver
+    # times Tune starts a failed trial again (it resumes its Train run from the last checkpoint); on top of
+    # distributed.max_failures, which restarts a run's workers inside the trial
+    trial_retries: int = 2
     seed: int = 0  # for sampled values
 
 
@@ -187,6 +190,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     where = str(path)
     if spec.teachers is None and spec.students is None:
         raise UserError(f"{where}: a sweep needs a teachers or a students section (or both)")
+    if spec.trial_retries < 0:
+        raise UserError(f"{where}: trial_retries: invalid value {spec.trial_retries}; allowed: an integer >= 0")
     if spec.max_concurrent_trials < 1:
         raise UserError(f"{where}: max_concurrent_trials: invalid value {spec.max_concurrent_trials}; allowed: >= 1")
     if not spec.name or "/" in spec.name:
