@@ -166,3 +166,23 @@ def test_launch_convert_then_eval_runs_the_original_student_alone(tmp_path: Path
     assert main(["eval", str(config), "--weights", str(out), "--output", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["role"] == "student" and 0.0 <= metrics["AP"] <= 1.0
+
+
+def test_convert_of_a_teacher_never_reads_model_pretrained(trained_pair: tuple[MSADTeacher, MSADStudent],
+                                                          tmp_path: Path) -> None:
+    """Every weight comes from the original file: a configured ImageNet file that is not on this machine is not
+    needed (before, `convert` built the model with it and failed)."""
+    from msad.cli import main
+    from msad.engine.checkpoint import load_checkpoint
+
+    original = tmp_path / "MSAD-teacher.pth"
+    torch.save({"model": _to_original(trained_pair[0].state_dict(), "T")}, original)
+    config = tmp_path / "model.yaml"
+    config.write_text(f"model: {{width: {TINY['width']}, fpn_channels: {TINY['fpn_channels']}, "
+                      f"gn_groups: {TINY['gn_groups']}, num_classes: {TINY['num_classes']}}}\n")
+    out = tmp_path / "teacher.pt"
+    assert main(["convert", str(config), "--original", str(original), "--output", str(out),
+                 "model.pretrained=/nowhere/s_resnet50_0.25_0.5_0.75_1.0.pt"]) == 0
+    state = load_checkpoint(out)
+    assert state["role"] == "teacher" and state["config"]["model"]["pretrained"].startswith("/nowhere/")
+    assert all(torch.equal(state["model"][k], v) for k, v in trained_pair[0].state_dict().items())

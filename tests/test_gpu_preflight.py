@@ -74,14 +74,15 @@ def test_gpu_run_on_a_node_without_a_driver_stops_in_seconds(tmp_path: Path, sha
         address = holder.stdout.readline().strip()
         assert address, "the cluster with a declared GPU did not start"
         started = time.monotonic()
+        # `--address auto` with RAY_ADDRESS set: what a `ray job submit` entrypoint on a cluster's head sees
         proc = subprocess.run([
             sys.executable, str(REPO / "launch.py"), "train", str(REPO / "configs" / "teacher_w025_cpu.yaml"),
-            "--address", address, "distributed.use_gpu=true", "distributed.max_failures=3",
+            "--address", "auto", "distributed.use_gpu=true", "distributed.max_failures=3",
             f"distributed.storage_path={tmp_path}", f"data.shapes.cache_dir={shapes_cache}",
             "data.shapes.num_train=24", "data.shapes.num_val=6", "data.shapes.image_size=[96,128]",
             "data.shapes.object_size=[8,40]", "data.train_short_sides=[128]", "data.test_short_side=128",
             "data.num_workers=0", "model.fpn_channels=32", "model.gn_groups=8"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+            cwd=tmp_path, env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=300)
         elapsed = time.monotonic() - started
     finally:
         holder.stdin.close()
