@@ -126,6 +126,7 @@ def test_teacher_resumes_on_a_replacement_node_and_its_student_trains(node_loss:
     # restarted from a registered checkpoint (the one being written at the kill may not be), not from iteration 0
     assert state["resumed_from"] and state["resumed_from"][0] >= 2
     assert student.teacher_checkpoint == teacher.checkpoint
+    assert "cannot see" not in node_loss.output  # the replacement node shares the storage: no warning
     # where rank 0 trained, report by report: the first worker node, then the replacement (never the head)
     results = (node_loss.experiment / "teacher-w0.25-h128" / "result.json").read_text().splitlines()
     nodes = [json.loads(line)["node_id"] for line in results if "node_id" in json.loads(line)]

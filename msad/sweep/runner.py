@@ -204,7 +204,8 @@ class SharedStorageWatch(Callback):
     """Checks nodes that join during the sweep (autoscaling) for the shared storage, as the sweep checked the first.
 
     A node that cannot see `distributed.storage_path` is named in one line: trials placed there would write
-    checkpoints the driver and other nodes never see. Checks run as tasks and are collected without blocking Tune.
+    checkpoints the driver and other nodes never see. Each look waits at most 5 s for new nodes' answers (those
+    that do not answer yet are asked again next time), so Tune's loop is held up rarely and briefly.
 
     Args:
         location: distributed.storage_path.
@@ -217,7 +218,7 @@ class SharedStorageWatch(Callback):
         self._next = time.monotonic() + period_s
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "checked": set()}  # a resumed sweep checks its cluster afresh
+        return {**self.__dict__, "checked": set(), "_next": 0.0}  # a resumed sweep: another process, another cluster
 
     def on_step(self, iteration: int, trials: list, **info: Any) -> None:
         if storage.is_uri(self.location) or time.monotonic() < self._next:
