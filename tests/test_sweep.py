@@ -185,3 +185,15 @@ def test_asha_stops_a_clearly_worse_student(ray_session: None, tmp_path: Path, s
     rows = {s.name: s for s in read_trial_summaries(home)}
     assert rows["student-w0.25-l64-kd0.2-t3"].status == "TERMINATED"  # lr 0.02, first in the grid
     assert rows["student-w0.25-l64-kd0.2-t3-2"].status == "STOPPED"  # lr 1e-7, stopped at the rung
+
+
+def test_trial_drivers_that_do_not_fit_the_head_are_refused_at_once(ray_session: None, tmp_path: Path,
+                                                                    shapes_cache: Path) -> None:
+    """Trial drivers run on the head: resources it does not have would leave every trial pending forever."""
+    from msad.errors import UserError
+
+    path = tiny_sweep(tmp_path, shapes_cache, "too_big", {"teachers": {"grid": {"model.width": [0.25]}},
+                                                          "trial_resources": {"CPU": 64}})
+    with pytest.raises(UserError, match=r"trial_resources: CPU=64 does not fit the Ray head, which has 4 CPU"):
+        run_sweep(path, [])
+    assert not (tmp_path / "runs" / "too_big").exists()  # nothing started

@@ -264,6 +264,22 @@ def trial_driver_resources(sweep: Sweep) -> dict[str, float]:
     return {**sweep.spec.trial_resources, HEAD_NODE_RESOURCE: 0.001}
 
 
+def check_head_fits_trial_drivers(sweep: Sweep) -> None:
+    """Refuse, in one line, `trial_resources` that the Ray head cannot hold: the trial drivers would wait forever
+    (while autoscaled GPU nodes sit idle). A KubeRay head with `num-cpus: "0"` is the usual way to get there."""
+    import ray
+
+    heads = [n for n in ray.nodes() if n.get("Alive") and HEAD_NODE_RESOURCE in n.get("Resources", {})]
+    if not heads:  # an unusual cluster without Ray's head marker: nothing to compare with
+        return
+    has = heads[0]["Resources"]
+    for name, amount in sweep.spec.trial_resources.items():
+        if has.get(name, 0.0) < amount:
+            raise UserError(f"{sweep.spec_path}: trial_resources: {name}={amount:g} does not fit the Ray head, which "
+                            f"has {has.get(name, 0.0):g} {name}; every trial's driver runs on the head (it must "
+                            "outlive GPU nodes): give the head that much (ray start --num-cpus) or ask for less")
+
+
 def local_home(sweep: Sweep) -> Path:
     """Where the driver keeps the report, trial rows and W&B offline runs: the experiment folder itself when
     storage is a path, else ./runs/<name> (object stores hold only Ray's state and checkpoints)."""
@@ -291,6 +307,7 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
         raise UserError(f"{experiment_dir}: no experiment to resume; run without --resume to start it")
     resolve_data_paths(sweep.base.data)  # generate the built-in dataset once, before trials race for it
     init_ray(address)
+    check_head_fits_trial_drivers(sweep)
     checked_nodes = check_shared_storage(sweep.base.distributed.storage_path)
 
     trainable = tune.with_resources(run_trial, trial_driver_resources(sweep))

@@ -184,10 +184,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     Locations in the sweep file (its `config`, a stage's `config`, grid and variant values, `base`,
     `students.teacher_checkpoints`) are relative to the sweep file; those in `overrides` to the working directory.
     """
+    where = str(path)  # messages name the file as the user wrote it
     path = Path(path).absolute()
     raw = read_yaml(path)
     spec: SweepFile = build_typed(SweepFile, raw)
-    where = str(path)
     if spec.teachers is None and spec.students is None:
         raise UserError(f"{where}: a sweep needs a teachers or a students section (or both)")
     if spec.trial_retries < 0:
