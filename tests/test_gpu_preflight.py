@@ -45,6 +45,21 @@ def test_driver_rule(torch_cuda: str | None, driver_cuda: int | None, release: s
         assert problem is not None and problem.startswith(expected)
 
 
+@pytest.mark.parametrize("capability, arch_list, expected", [
+    ((9, 0), ["sm_80", "sm_90", "compute_90"], True),
+    ((8, 6), ["sm_80", "sm_90"], True),  # sm_80 cubins run on sm_86 (same major, higher minor)
+    ((8, 0), ["sm_86", "sm_90"], False),  # not on a lower minor
+    ((12, 0), ["sm_80", "sm_90", "compute_90"], True),  # PTX compiles for any newer GPU
+    ((12, 0), ["sm_80", "sm_90"], False),  # cubins only: no kernel for a newer major
+    ((7, 0), ["sm_75", "sm_80", "compute_80"], False),  # older than every target
+    ((9, 0), ["sm_90a"], True), ((10, 0), ["sm_90a"], False),  # arch-specific targets: that GPU only
+])
+def test_architecture_rule(capability: tuple[int, int], arch_list: list[str], expected: bool) -> None:
+    from msad.engine.gpu import arch_supported
+
+    assert arch_supported(capability, arch_list) is expected
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_check_without_cuda_names_node_and_need() -> None:
     with pytest.raises(GpuUnusableError) as info:

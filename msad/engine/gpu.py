@@ -81,25 +81,47 @@ def driver_problem(torch_version: str, torch_cuda: str | None, driver_cuda: int 
     return None
 
 
+def arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a build carrying `arch_list` runs on a GPU of compute `capability` (CUDA's compatibility rules).
+
+    A cubin `sm_XY` runs on the same major version with an equal or higher minor (sm_80 on sm_86); PTX `compute_XY`
+    is compiled by the driver for any GPU of capability >= XY. Suffixed targets (sm_90a) run only on their exact GPU.
+    """
+    major, minor = capability
+    for arch in arch_list:
+        match = re.fullmatch(r"(sm|compute)_(\d+)(a|f)?", arch)
+        if match is None:
+            continue
+        kind, number, suffix = match.group(1), int(match.group(2)), match.group(3)
+        target = (number // 10, number % 10)
+        if suffix and target == capability:
+            return True
+        if not suffix and kind == "sm" and target[0] == major and target[1] <= minor:
+            return True
+        if not suffix and kind == "compute" and target <= capability:
+            return True
+    return False
+
+
 def check_gpu_usable(node: str) -> str:
     """Raise GpuUnusableError (one line, naming `node`) unless this process can run CUDA work; else describe the GPU.
 
-    Checks, in order: a CUDA build of torch, a driver new enough for it, a visible GPU, and a small kernel.
+    Checks, in order: a CUDA build of torch, a driver new enough for it, a visible GPU, and torch compiled for that
+    GPU's architecture. It creates no CUDA context: workers see every GPU of their node at this point, and a context
+    made here would sit on GPU 0 of each worker for the whole run.
     """
     problem = driver_problem(torch.__version__, torch.version.cuda, driver_cuda_version(), driver_release())
     if problem is None and not torch.cuda.is_available():
         problem = "CUDA is not available to torch (no GPU visible to this worker; check CUDA_VISIBLE_DEVICES)"
     if problem is None:
-        try:
-            x = torch.ones(64, 64, device="cuda")
-            torch.cuda.synchronize()
-            if float((x @ x).sum()) != 64.0 ** 3:
-                problem = "a 64x64 matmul on the GPU gave a wrong result"
-        except RuntimeError as err:  # e.g. no kernel image for this GPU's architecture
-            problem = f"a small CUDA kernel failed: {str(err).strip().splitlines()[0]}"
+        major, minor = torch.cuda.get_device_capability(0)
+        built = torch.cuda.get_arch_list()  # e.g. ['sm_80', 'sm_90', 'compute_90']: kernels and PTX it carries
+        if built and not arch_supported((major, minor), built):
+            problem = (f"{torch.cuda.get_device_name(0)} (sm_{major}{minor}) is not among the GPU architectures "
+                       f"torch {torch.__version__} was built for ({', '.join(built)})")
     if problem is not None:
         raise GpuUnusableError(f"node {node}: {problem}")
-    return f"{torch.cuda.get_device_name()} (driver {driver_release() or '?'}, CUDA {torch.version.cuda})"
+    return f"{torch.cuda.get_device_name(0)} (driver {driver_release() or '?'}, CUDA {torch.version.cuda})"
 
 
 def preflight_this_worker() -> str:
