@@ -167,7 +167,8 @@ class WandbTrialLogger(Callback):
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, disable_git=True),
         )
         self._runs[trial.trial_id] = run
-        self._last_step[trial.trial_id] = int(run.step or 0)
+        # a resumed online run's step counter stands one past its last logged step; a new run's at 0
+        self._last_step[trial.trial_id] = max(int(run.step or 0) - 1, 0)
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         run, step = self._runs.get(trial.trial_id), result.get("iteration")
