@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from msad.cli import COMMANDS, main
 
@@ -99,3 +101,22 @@ def test_report_missing_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_main(capsys)
     assert code == 2 and "usage:" in out
+
+
+def test_eval_never_reads_model_pretrained(teacher_run, tmp_path: Path, shapes_cache: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A teacher trained from ImageNet weights keeps their path in its config; `eval` on a machine without that
+    file must still work (every weight is in the checkpoint). Before, it rebuilt the model with the file and failed."""
+    from msad.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg, result = teacher_run
+    state = load_checkpoint(result.checkpoint)
+    state["config"]["model"]["pretrained"] = "/nowhere/s_resnet50_0.25_0.5_0.75_1.0.pt"
+    weights = save_checkpoint(state, tmp_path / "teacher.pt")
+    config = tmp_path / "data.yaml"
+    config.write_text(yaml.safe_dump({"data": cfg.to_dict()["data"], "model": {"num_classes": cfg.model.num_classes,
+                                                                               "pretrained": "/nowhere/either.pt"}}))
+    code, out, err = run_main(capsys, "eval", str(config), "--weights", str(weights), "--output", str(tmp_path / "e"))
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert metrics["role"] == "teacher" and 0.0 <= metrics["AP"] <= 1.0

@@ -2,13 +2,13 @@
 
 Tiny-size overrides are appended to each documented command (and the README's checkpoint paths, which name the
 config's iteration 300, point at the tiny run's last iteration instead). Along the way:
-- the teacher starts from ImageNet weights given by a RELATIVE path, and the student names its teacher by a
-  RELATIVE path: both must survive Ray's own working directories for trials and workers;
+- the student names its teacher by a RELATIVE path, which must survive Ray's own working directories for trials
+  and workers;
 - the teacher runs side by side with a second, unrelated `launch.py train`, both without `--address`, while a Ray
   cluster started separately (as `ray start --head` does on a cluster's head) runs on the same machine: each must
   start a Ray of its own;
-- `eval` (of the student and of the teacher) and `export` run after the ImageNet file is deleted: they take every
-  weight from the checkpoint.
+- `eval` (of the student and of the teacher) and `export` run from the checkpoints alone. That they never read
+  `model.pretrained` is tested in tests/test_cli.py with a checkpoint whose config names an absent ImageNet file.
 """
 
 from __future__ import annotations
@@ -23,15 +23,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from msad.models.slimmable import SlimmableResNet50
 
 REPO = Path(__file__).resolve().parents[1]
 ITERATIONS = 2
 TINY = ["data.shapes.num_train=24", "data.shapes.num_val=6", "data.shapes.image_size=[96,128]",
         "data.shapes.object_size=[8,40]", "data.train_short_sides=[128]", "data.test_short_side=128",
-        "data.num_workers=0", "model.fpn_channels=32", "model.gn_groups=8", f"train.iterations={ITERATIONS}",
+        "data.num_workers=0", "model.fpn_channels=32", "model.gn_groups=8", "model.width_list=[0.25]",
+        f"train.iterations={ITERATIONS}",
         "train.batch_per_worker=2", "train.lr_steps=[1]", "train.warmup_iters=1",
         f"train.checkpoint_period={ITERATIONS}", "train.eval_period=0", "train.log_period=1",
         "train.kd_warmup_iters=1"]
@@ -63,9 +61,6 @@ def test_readme_training_runs_as_written(tmp_path: Path, shapes_cache: Path) -> 
     assert eval_cmd[0] == "eval"
     work = tmp_path / "work"
     shutil.copytree(REPO / "configs", work / "configs")  # the README's relative config paths
-    (work / "weights").mkdir()
-    imagenet = work / "weights" / "s_resnet50.pt"  # slimmable_networks' layout: {"model": {"module.<key>": ...}}
-    torch.save({"model": {f"module.{k}": v for k, v in SlimmableResNet50().state_dict().items()}}, imagenet)
     tiny = [f"data.shapes.cache_dir={shapes_cache}", *TINY]
     at_tiny_iteration = [arg.replace("checkpoint_0000300", f"checkpoint_{ITERATIONS:07d}") for arg in student_cmd]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -75,9 +70,9 @@ def test_readme_training_runs_as_written(tmp_path: Path, shapes_cache: Path) -> 
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout.readline().strip(), "the separately started Ray cluster did not come up"
-        teacher = launch(work, [*teacher_cmd, *tiny, "model.pretrained=weights/s_resnet50.pt"], env)
-        neighbour = launch(work, ["train", "configs/fcos_w025_cpu.yaml", *tiny, "distributed.run_name=neighbour",
-                                  "model.width_list=[0.25]"], env)  # one width: a 12-MB checkpoint, not 190 MB
+        teacher = launch(work, [*teacher_cmd, *tiny], env)
+        neighbour = launch(work, ["train", "configs/fcos_w025_cpu.yaml", *tiny, "distributed.run_name=neighbour"],
+                           env)
         teacher_out, _ = finish(teacher, "README teacher"), finish(neighbour, "second run side by side")
     finally:
         holder.stdin.close()
@@ -91,13 +86,12 @@ def test_readme_training_runs_as_written(tmp_path: Path, shapes_cache: Path) -> 
     student_summary = json.loads(student_out[student_out.index("{"):])
     assert student_summary["iteration"] == ITERATIONS
 
-    imagenet.unlink()  # eval and export must not need it
     eval_argv = [arg.replace("checkpoint_0000300", f"checkpoint_{ITERATIONS:07d}") for arg in eval_cmd]
     metrics = json.loads(finish(launch(work, [*eval_argv, *tiny], env), "README eval of the student"))
     assert metrics["role"] == "student" and 0.0 <= metrics["AP"] <= 1.0
     teacher_eval = json.loads(finish(launch(work, [
         "eval", "configs/teacher_w025_cpu.yaml", "--weights", teacher_summary["checkpoint"], *tiny,
-        "--output", "eval/teacher"], env), "eval of the teacher trained from the deleted ImageNet file"))
+        "--output", "eval/teacher"], env), "eval of the teacher"))
     assert teacher_eval["role"] == "teacher" and 0.0 <= teacher_eval["AP"] <= 1.0
     finish(launch(work, ["export", student_summary["checkpoint"], "--output", "student.pt"], env), "export")
     assert (work / "student.pt").is_file()
