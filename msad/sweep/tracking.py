@@ -9,7 +9,7 @@ logs those) and out of Ray's private logging-actor API; the driver already recei
 - the W&B config is the trial's msad config (`trial.config["msad"]`) with secret-looking keys removed;
 - step = the msad iteration: a trial restarted from a checkpoint replays iterations it had already logged, and
   those are skipped, so its curve continues instead of being dropped or doubled;
-- every run ends with the same summary keys (`SUMMARY_KEYS`: the trial's report row, None as NaN) and its
+- every run ends with the same summary keys (the fields of the trial's report row, None as NaN) and its
   `status`, whether it finished, was stopped by the scheduler, failed or was interrupted;
 - runs are written under `EXPERIMENT_DIR/wandb/`, so offline runs travel with the experiment.
 
@@ -39,8 +39,6 @@ from msad.sweep.report import TrialSummary
 MODES = ("online", "offline", "disabled")
 LEGACY_MODES = {"dryrun": "offline", "run": "online"}  # values older wandb releases accept in WANDB_MODE
 DEFAULT_HOST = "https://api.wandb.ai"
-# Result keys kept in every run's summary even when they are strings or None (the fields of a trial summary).
-SUMMARY_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialSummary))
 SECRET_KEY = re.compile(r"api[_-]?key|token|secret|passw(or)?d", re.IGNORECASE)
 
 
