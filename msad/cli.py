@@ -81,7 +81,8 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
     capacity.add_argument("--json", action="store_true", help="print JSON rows for machines")
 
     report = command("report", "results table (Markdown + CSV) and AP-vs-capacity plot of an experiment")
-    report.add_argument("experiment_dir", help="experiment folder written by a sweep")
+    report.add_argument("experiment_dir", help="a sweep's experiment: <distributed.storage_path>/<sweep name>, a "
+                        "folder or an s3:// URI (its report is then written locally and uploaded beside it)")
     return parsers
 
 
@@ -212,14 +213,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    experiment = Path(args.experiment_dir)
-    if not experiment.is_dir():
-        raise UserError(f"{experiment}: experiment folder not found")
+    from msad.engine import storage
+    from msad.sweep.experiment_files import ExperimentFiles
+    from msad.sweep.report import REPORT_CSV, REPORT_MD, REPORT_PLOT, RESULTS_DIR, write_report
+
+    files = ExperimentFiles(args.experiment_dir)
     try:
-        from msad.sweep.report import write_report
-    except ImportError:
-        raise UserError("reports are not built yet (issue: Ray Tune sweeps)") from None
-    print(write_report(experiment))
+        found = storage.exists(storage.join(files.location, RESULTS_DIR))
+        if found:
+            files.pull(RESULTS_DIR)
+    except OSError as err:  # an object store that cannot be reached, or refuses the credentials
+        raise UserError(f"{args.experiment_dir}: cannot read the experiment: {str(err).splitlines()[0]}") from None
+    if not found:
+        raise UserError(f"{args.experiment_dir}: no sweep results there (expected {RESULTS_DIR}/*.json); give "
+                        "the experiment folder or URI: <distributed.storage_path>/<sweep name>")
+    print(write_report(files.local))
+    files.upload(REPORT_MD, REPORT_CSV, REPORT_PLOT)
+    print(f"report: {files.describe()}")
     return 0
 
 

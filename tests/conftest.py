@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,3 +74,49 @@ def teacher_run(ray_session: None, tmp_path_factory: pytest.TempPathFactory, sha
     tmp = tmp_path_factory.mktemp("teacher")
     cfg = make_tiny_config(tmp, shapes_cache, "teacher", "teacher")
     return cfg, fit(cfg)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc (a Ray started by a process runs under it)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier}
+        found += frontier
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> Iterator[str]:
+    """A bucket on a moto S3 server bound to 127.0.0.1 (a real S3-speaking server); yields a storage URI in it."""
+    from msad.engine import storage
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"s3://msad-test/runs?endpoint_override=http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                fs, _ = storage.filesystem(uri + "&allow_bucket_creation=true")
+                fs.create_dir("msad-test")
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("moto S3 server did not start")
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -95,7 +95,8 @@ def test_eval_requires_weights(capsys: pytest.CaptureFixture[str], tmp_path: Pat
 
 def test_report_missing_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, _, err = run_main(capsys, "report", str(tmp_path / "nope"))
-    assert code == 2 and "experiment folder not found" in err
+    assert code == 2 and f"{tmp_path / 'nope'}: no sweep results there (expected results/*.json)" in err
+    assert not (tmp_path / "nope").exists()  # nothing written for a wrong path
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:

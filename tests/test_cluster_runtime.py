@@ -1,53 +1,17 @@
 """Clusters at runtime: object storage through a real S3 server on localhost (moto's, installed from PyPI, started
-here on 127.0.0.1). A sweep through `launch.py --address` on a real two-node Ray, with a node lost mid-run, is in
-tests/test_node_loss.py.
+by the `s3_bucket` fixture on 127.0.0.1). A sweep submitted with `ray job submit` to a two-node Ray started with
+`ray start`, storing in S3, with a node lost mid-run, is in tests/test_node_loss.py.
 """
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
-
-import pytest
 
 from msad.engine import storage
 from msad.engine.checkpoint import load_checkpoint
 from msad.engine.trainer import fit
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_bucket() -> str:
-    """A bucket on a moto S3 server bound to 127.0.0.1; yields its storage URI."""
-    port = free_port()
-    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"s3://msad-test/runs?endpoint_override=http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                fs, _ = storage.filesystem(uri + "&allow_bucket_creation=true")
-                fs.create_dir("msad-test")
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError("moto S3 server did not start")
-        yield uri
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_storage_round_trip_on_s3(s3_bucket: str) -> None:

@@ -1,36 +1,89 @@
-"""A sweep on a real multi-node Ray survives losing the node its teacher trains on, and leaves the W&B key nowhere.
+"""A sweep submitted to a real two-node Ray as cluster/README.md says survives losing the node its teacher trains on,
+keeps its results with the experiment in S3, and leaves the W&B key nowhere.
 
-A two-node Ray runs on this machine (separate raylets, its own temp dir); the sweep is launched with
-`launch.py SWEEP --address ...` as on a cluster's head, with a canary W&B key in the launching shell only; the worker
-node is SIGKILLed while the teacher trains there, and a replacement node joins as an autoscaler would add one.
+The cluster is started with the `ray start` CLI, token authentication on: a head (1 CPU: room for one trial driver,
+no Train worker) and a worker node (2 CPUs), each with its own working and temp directory, as two machines would
+have. Storage is a bucket on a local S3 server (moto). The sweep goes in with `ray job submit --working-dir . --
+python launch.py SWEEP --address auto`. The W&B key is the head's, in its `~/.netrc` (`wandb login` there), and
+nowhere else. While the teacher trains on the worker node, that node is SIGKILLed (its raylet and every process
+under it, as when a machine disappears), and a replacement node joins, as an autoscaler would add one.
 
 The trial drivers live on the head (`trial_driver_resources`), so the teacher's trial outlives its workers; Ray Train
 restarts them on the new node from the last checkpoint (`distributed.max_failures`); the student then trains from
-the teacher's final checkpoint; the teacher's W&B history holds every iteration once, in order; and no file of the
-experiment, of wandb or of Ray's session (its logs, the runtime-env agent's included) holds the key.
+the teacher's final checkpoint; the rows, report and W&B runs are in the experiment's S3 location, and
+`launch.py report s3://...` rebuilds the report from there; the teacher's W&B history holds every iteration once,
+in order; no file of the experiment, of wandb or of either node's Ray session (logs, the job's working directory,
+the runtime-env agent's log) holds the key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import yaml
+from conftest import descendants, free_port
 
+from msad.engine import storage
 from msad.engine.checkpoint import load_checkpoint
 from msad.sweep.report import read_trial_summaries
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 TEACHER_ITERATIONS = 24
+CANARY = "msadcanary" + "0123456789abcdef0123456789ab"  # 40 characters, like a real key
+
+
+class RayNode:
+    """One `ray start --block` node with its own temp dir and working directory; `kill` is a machine loss."""
+
+    def __init__(self, tmp: Path, name: str, env: dict[str, str], args: list[str]) -> None:
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"r{name}", dir="/tmp"))  # short: Ray's socket paths
+        workdir = tmp / name
+        workdir.mkdir()
+        ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                        "metrics-export-port", "runtime-env-agent-port")]
+        self.log = (tmp / f"{name}.log").open("w")
+        self.proc = subprocess.Popen([str(BIN / "ray"), "start", *args, *ports, "--temp-dir", str(self.temp_dir),
+                                      "--disable-usage-stats", "--block"],
+                                     cwd=workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def kill(self) -> None:
+        for pid in [*descendants(self.proc.pid), self.proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def wait_for_dashboard(port: int, head: RayNode, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:  # answering (e.g. 401: the token is required)
+            return
+        except OSError:
+            assert head.proc.poll() is None, "the head node did not start"
+            assert time.monotonic() < deadline, f"the dashboard did not answer on {port} in {timeout} s"
+            time.sleep(0.5)
 
 
 def wandb_steps(run_dir: Path) -> list[int]:
@@ -40,32 +93,27 @@ def wandb_steps(run_dir: Path) -> list[int]:
     return [r["history"]["item"]["_step"] for r in records if r["type"] == "history"]
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"the sweep ended before {path} appeared:\n{proc.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
-        time.sleep(0.2)
-
-
-CANARY = "msadcanary" + "0123456789abcdef0123456789ab"  # 40 characters, like a real key
+def files_holding(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes()]
 
 
 @dataclass
-class NodeLossRun:
-    experiment: Path
-    ray_tmp: Path
-    wandb_home: Path
-    output: str
+class ClusterRun:
+    location: str  # the experiment's S3 URI
+    copy: Path  # everything under it, downloaded after the sweep
+    searched: list[Path]  # what the canary search covers besides the copy
+    output: str  # the job's output (ray job submit streams it)
+    report_output: str
 
 
 @pytest.fixture(scope="module")
-def node_loss(tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path) -> Iterator[NodeLossRun]:
+def cluster_run(tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path, s3_bucket: str) -> Iterator[ClusterRun]:
     tmp = tmp_path_factory.mktemp("node_loss")
+    storage_path = storage.join(s3_bucket, secrets.token_hex(4))
     spec = {
         "name": "node_loss", "base": str(REPO / "configs" / "cpu_base.yaml"),
         "config": {
-            "model": {"fpn_channels": 32, "gn_groups": 8, "width_list": [0.25]},
+            "model": {"fpn_channels": 32, "gn_groups": 8, "width_list": [0.25]},  # 12 MB checkpoints through S3
             "data": {"shapes": {"num_train": 24, "num_val": 6, "image_size": [96, 128], "object_size": [8, 40],
                                 "cache_dir": str(shapes_cache)},
                      "train_short_sides": [128], "test_short_side": 128, "num_workers": 0},
@@ -73,82 +121,101 @@ def node_loss(tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path) -> I
                       "warmup_iters": 1, "checkpoint_period": 2, "eval_period": TEACHER_ITERATIONS, "log_period": 1,
                       "kd_warmup_iters": 1},
             # 2 CPUs per worker: only a worker node has them (the head has 1), so training runs off the head
-            "distributed": {"storage_path": str(tmp / "runs"), "num_workers": 1, "cpus_per_worker": 2,
-                            "max_failures": 2},
+            "distributed": {"storage_path": storage_path, "num_workers": 1, "cpus_per_worker": 2, "max_failures": 2},
             "tracking": {"mode": "auto"},
         },
         "teachers": {"grid": {"model.width": [0.25]}},
         "students": {"config": {"train": {"iterations": 2, "lr_steps": [1], "eval_period": 2}}},
         "max_concurrent_trials": 1,
     }
-    path = tmp / "node_loss.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))  # short: Ray's socket paths live under it
-    cluster_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "WANDB_API_KEY")}
-    cluster_env["RAY_TMPDIR"] = str(ray_tmp)
-    wandb_home = tmp / "wandb-home"
-    driver_env = {**cluster_env, "WANDB_API_KEY": CANARY, "WANDB_MODE": "offline",
-                  "WANDB_CONFIG_DIR": str(wandb_home / "config"), "WANDB_CACHE_DIR": str(wandb_home / "cache"),
-                  "WANDB_DATA_DIR": str(wandb_home / "data")}
-    holder = subprocess.Popen([sys.executable, str(REPO / "tests" / "data" / "two_node_cluster.py"),
-                               "--head-cpus", "1", "--worker-nodes", "1"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=cluster_env)
-    experiment = tmp / "runs" / "node_loss"
+    sweep_file = tmp / "node_loss.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    location = storage.join(storage_path, "node_loss")
+
+    token = secrets.token_hex(16)
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}
+    base_env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0", WANDB_MODE="offline",
+                    PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")  # `python` in the job's command is this one
+    head_home, wandb_home = tmp / "head-home", tmp / "wandb-home"
+    head_home.mkdir()
+    (head_home / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {CANARY}\n")  # wandb login
+    head_env = {**base_env, "HOME": str(head_home), "WANDB_CONFIG_DIR": str(wandb_home / "config"),
+                "WANDB_CACHE_DIR": str(wandb_home / "cache"), "WANDB_DATA_DIR": str(wandb_home / "data")}
+    gcs, dashboard = free_port(), free_port()
+    head_args = ["--head", f"--port={gcs}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}"]
+    nodes = [RayNode(tmp, "head", head_env, head_args)]
+    join = ["--address", f"127.0.0.1:{gcs}", "--num-cpus=2"]
     try:
-        address = holder.stdout.readline().strip()
-        assert address, "the two-node cluster did not start"
-        sweep = subprocess.Popen([sys.executable, str(REPO / "launch.py"), str(path), "--address", address],
-                                 cwd=tmp, env=driver_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(experiment / "runs" / "teacher-w0.25-h128" / "checkpoint_0000004" / "checkpoint.pt", sweep, 300)
-        holder.stdin.write("kill-workers\n")
-        holder.stdin.flush()
-        assert holder.stdout.readline().strip() == "killed"
-        holder.stdin.write("add-worker\n")
-        holder.stdin.flush()
-        assert holder.stdout.readline().strip() == "added"
-        out, err = sweep.communicate(timeout=600)
+        wait_for_dashboard(dashboard, nodes[0])
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # token authentication is on: no token, no jobs
+            urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/jobs/", timeout=10)
+        nodes.append(RayNode(tmp, "worker", base_env, join))
+        # exactly as cluster/README.md submits, from the checkout
+        job = subprocess.Popen(
+            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
+             "--submission-id", "msad-node-loss", "--", "python", "launch.py", str(sweep_file), "--address", "auto"],
+            cwd=REPO, env=base_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        checkpoint = storage.join(location, "runs", "teacher-w0.25-h128", "checkpoint_0000004", "checkpoint.pt")
+        deadline = time.monotonic() + 300
+        while not storage.exists(checkpoint):
+            assert job.poll() is None, f"the job ended before the teacher's checkpoint 4:\n{job.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "the teacher saved no checkpoint 4 in 300 s"
+            time.sleep(0.5)
+        nodes[1].kill()  # the machine the teacher trains on disappears
+        nodes.append(RayNode(tmp, "replacement", base_env, join))
+        output, _ = job.communicate(timeout=600)
+        assert job.returncode == 0, output[-4000:]
+        report = subprocess.run([sys.executable, str(REPO / "launch.py"), "report", location], cwd=tmp,
+                                env=base_env, capture_output=True, text=True, timeout=120)
+        assert report.returncode == 0, report.stderr[-3000:]
+        copy = tmp / "experiment-copy"
+        fs, path = storage.filesystem(location)
+        pafs.copy_files(path, str(copy), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield ClusterRun(location, copy, [wandb_home, *(n.temp_dir for n in nodes), tmp / "head"], output,
+                         report.stdout + report.stderr)
     finally:
-        holder.stdin.close()
-        holder.wait(timeout=120)
-    assert sweep.returncode == 0, out[-3000:] + err[-3000:]
-    try:
-        yield NodeLossRun(experiment, ray_tmp, wandb_home, out + err)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        for node in reversed(nodes):
+            if node.proc.poll() is None:
+                node.kill()
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
 
 
-def test_teacher_resumes_on_a_replacement_node_and_its_student_trains(node_loss: NodeLossRun) -> None:
-    rows = {row.name: row for row in read_trial_summaries(node_loss.experiment)}
+def test_teacher_resumes_on_a_replacement_node_and_its_student_trains(cluster_run: ClusterRun) -> None:
+    rows = {row.name: row for row in read_trial_summaries(cluster_run.copy)}  # the rows as stored in S3
     teacher, student = rows["teacher-w0.25-h128"], rows["student-w0.25-l64-kd0.2-t3"]
     assert (teacher.status, student.status) == ("TERMINATED", "TERMINATED"), (teacher.error, student.error)
+    assert teacher.checkpoint.startswith("s3://") and student.teacher_checkpoint == teacher.checkpoint
     state = load_checkpoint(teacher.checkpoint)
     assert state["iteration"] == TEACHER_ITERATIONS
     # restarted from a registered checkpoint (the one being written at the kill may not be), not from iteration 0
     assert state["resumed_from"] and state["resumed_from"][0] >= 2
-    assert student.teacher_checkpoint == teacher.checkpoint
-    assert "cannot see" not in node_loss.output  # the replacement node shares the storage: no warning
     # where rank 0 trained, report by report: the first worker node, then the replacement (never the head)
-    results = (node_loss.experiment / "teacher-w0.25-h128" / "result.json").read_text().splitlines()
+    results = (cluster_run.copy / "teacher-w0.25-h128" / "result.json").read_text().splitlines()
     nodes = [json.loads(line)["node_id"] for line in results if "node_id" in json.loads(line)]
     first, last = nodes[0], nodes[-1]
     assert first != last and nodes == [first] * nodes.index(last) + [last] * (len(nodes) - nodes.index(last))
 
 
-def test_resumed_teachers_wandb_history_holds_every_iteration_once(node_loss: NodeLossRun) -> None:
-    teacher = {row.name: row for row in read_trial_summaries(node_loss.experiment)}["teacher-w0.25-h128"]
-    runs = (node_loss.experiment / "wandb").glob("offline-run-*")
+def test_report_lives_with_the_experiment_and_report_reads_it_from_s3(cluster_run: ClusterRun) -> None:
+    table = (cluster_run.copy / "report.md").read_text()  # uploaded by the sweep itself
+    assert table.count("| FCOS ") == 2 and "| ERROR |" not in table
+    assert (cluster_run.copy / "report.csv").is_file() and (cluster_run.copy / "ap_vs_capacity.png").is_file()
+    assert cluster_run.report_output.count("| FCOS ") == 2  # launch.py report s3://... from another machine
+    assert f"report: {cluster_run.location} (local copy: " in cluster_run.report_output
+
+
+def test_resumed_teachers_wandb_history_holds_every_iteration_once(cluster_run: ClusterRun) -> None:
+    teacher = {row.name: row for row in read_trial_summaries(cluster_run.copy)}["teacher-w0.25-h128"]
+    runs = (cluster_run.copy / "wandb").glob("offline-run-*")  # uploaded as each trial ended
     (run_dir,) = [d for d in runs if d.name.endswith(teacher.trial_id)]
     assert wandb_steps(run_dir) == list(range(1, TEACHER_ITERATIONS + 1))
 
 
-def test_canary_key_appears_in_no_file(node_loss: NodeLossRun) -> None:
-    sessions = list(node_loss.ray_tmp.glob("ray/session_*/logs"))  # RAY_TMPDIR/ray/session_<time>/logs
-    assert sessions and any(p.name.startswith("runtime_env") for s in sessions for p in s.iterdir())
-    searched = [node_loss.experiment, node_loss.wandb_home, node_loss.ray_tmp]
-    assert sum(1 for root in searched for p in root.rglob("*") if p.is_file()) > 50  # really searched
-    assert [p for root in searched for p in files_holding(root, CANARY.encode())] == []
-    assert CANARY not in node_loss.output
-
-
-def files_holding(root: Path, needle: bytes) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes()]
+def test_canary_key_appears_in_no_file(cluster_run: ClusterRun) -> None:
+    sessions = [s for root in cluster_run.searched for s in root.glob("session_*/logs")]
+    assert len(sessions) >= 3 and any(p.name.startswith("runtime_env") for s in sessions for p in s.iterdir())
+    roots = [cluster_run.copy, *cluster_run.searched]
+    assert sum(1 for root in roots for p in root.rglob("*") if p.is_file()) > 50  # really searched
+    assert [p for root in roots for p in files_holding(root, CANARY.encode())] == []
+    assert CANARY not in cluster_run.output

@@ -3,7 +3,6 @@ resume after an interruption, and ASHA over students."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import descendants
 
 from msad.engine.checkpoint import load_checkpoint
 from msad.sweep.report import read_trial_summaries
@@ -129,44 +129,90 @@ def test_report_and_wandb_match_the_trials(two_widths) -> None:
     assert student["summary"]["kd_alpha"] == 0.2 and "AP" in student["summary"]
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session: None, tmp_path: Path,
-                                                                      shapes_cache: Path) -> None:
+def _kill_train_workers(driver_pid: int) -> int:
+    killed = 0
+    for pid in descendants(driver_pid):
+        try:
+            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        except OSError:
+            continue
+    return killed
+
+
+def _launch(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with log.open("a") as out:
+        return subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args], cwd=cwd, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, log: Path) -> None:
+    """Until Train has registered a checkpoint of `run` (a checkpoint folder alone may not be registered yet)."""
+    deadline = time.time() + 300
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    while not (snapshot.is_file() and '"checkpoint_0' in snapshot.read_text()):
+        assert proc.poll() is None, f"the sweep ended before {run.name} saved a checkpoint:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"{run.name} saved no checkpoint in 300 s"
+        time.sleep(0.2)
+
+
+def test_failed_teacher_reruns_on_resume_then_its_student_and_ctrl_c_resumes(ray_session: None, tmp_path: Path,
+                                                                             shapes_cache: Path) -> None:
+    """A teacher whose worker crashes fails (no retries), and so does its student, naming it. `--resume` runs the
+    teacher again from its own checkpoint, then the student from the new teacher checkpoint; Ctrl-C part-way
+    through the student and another `--resume` continue the student from its checkpoint, the teacher untouched."""
+    teacher_iters = 8
     path = tiny_sweep(tmp_path, shapes_cache, "resume", {
-        "teachers": {"grid": {"model.width": [0.25]}},
+        "teachers": {"grid": {"model.width": [0.25]},
+                     "config": {"train": {"iterations": teacher_iters, "lr_steps": [teacher_iters - 1],
+                                          "eval_period": teacher_iters}}},
         "students": {"grid": {"model.width": [0.25]}, "config": {"train": {"iterations": 8, "lr_steps": [7],
                                                                            "eval_period": 8}}},
-        "max_concurrent_trials": 1,
+        "max_concurrent_trials": 1, "trial_retries": 0,
     })
-    home = tmp_path / "runs" / "resume"
-    student_run = home / "runs" / "student-w0.25-l64-kd0.2-t3"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    log = (tmp_path / "sweep.log").open("w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), str(path)], cwd=tmp_path, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    home, log = tmp_path / "runs" / "resume", tmp_path / "sweep.log"
+    teacher_name, student_name = "teacher-w0.25-h128", "student-w0.25-l64-kd0.2-t3"
+
+    proc = _launch([str(path)], tmp_path, log)  # 1. the teacher's worker crashes after its first checkpoint
     try:
-        deadline = time.time() + 300
-        # the student is part-way through: Train has registered a checkpoint (a checkpoint folder alone may not be
-        # registered yet when Ctrl-C lands, and then the resumed run rightly starts from scratch)
-        snapshot = student_run / "checkpoint_manager_snapshot.json"
-        while not (snapshot.is_file() and '"checkpoint_0' in snapshot.read_text()):
-            assert proc.poll() is None and time.time() < deadline, "the sweep ended before it could be interrupted"
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
-        assert proc.wait(timeout=180) == 130, (tmp_path / "sweep.log").read_text()[-3000:]
+        _wait_for_checkpoint(home / "runs" / teacher_name, proc, log)
+        assert _kill_train_workers(proc.pid) == 1
+        assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-    teacher_before = json.loads((home / "results" / "teacher-w0.25-h128.json").read_text())
-    assert not (home / "results" / "student-w0.25-l64-kd0.2-t3.json").exists()
-
-    run_sweep(path, [], resume=True)
     rows = {s.name: s for s in read_trial_summaries(home)}
-    assert rows["teacher-w0.25-h128"].started_at == teacher_before["started_at"]  # not run again
-    student = rows["student-w0.25-l64-kd0.2-t3"]
-    assert student.status == "TERMINATED"
+    assert rows[teacher_name].status == "ERROR"
+    assert rows[student_name].status == "ERROR"
+    assert f"teacher {teacher_name} (width 0.25) failed; its students were not run" in rows[student_name].error
+
+    proc = _launch([str(path), "--resume"], tmp_path, log)  # 2. resumed: the teacher again, then Ctrl-C mid-student
+    try:
+        _wait_for_checkpoint(home / "runs" / student_name, proc, log)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=180) == 130, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "1 of 2 trials unfinished" in log.read_text()  # the student's row is still the first run's ERROR
+    teacher = read_trial_summaries(home)[[s.name for s in read_trial_summaries(home)].index(teacher_name)]
+    assert teacher.status == "TERMINATED"
+    state = load_checkpoint(teacher.checkpoint)
+    assert state["iteration"] == teacher_iters and state["resumed_from"]  # continued from its own checkpoint
+
+    run_sweep(path, [], resume=True)  # 3. the student continues; the teacher is not run again
+    rows = {s.name: s for s in read_trial_summaries(home)}
+    assert rows[teacher_name].started_at == teacher.started_at
+    student = rows[student_name]
+    assert student.status == "TERMINATED" and student.started_at >= teacher.ended_at
+    assert student.teacher_checkpoint == teacher.checkpoint
     state = load_checkpoint(student.checkpoint)
-    assert state["iteration"] == 8 and state["resumed_from"]  # continued from its own checkpoint
+    assert state["iteration"] == 8 and state["resumed_from"]
+    # the teacher's re-run continued its first W&B run (two offline folders of one run id), as did the student's
+    run_ids = [d.name.rsplit("-", 1)[1] for d in sorted((home / "wandb").glob("offline-run-*"))]
+    assert len(run_ids) == 5 and len(set(run_ids)) == 2
 
 
 def test_asha_stops_a_clearly_worse_student(ray_session: None, tmp_path: Path, shapes_cache: Path,

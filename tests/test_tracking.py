@@ -14,6 +14,7 @@ import pytest
 
 from msad.config import Config, TrackingConfig
 from msad.errors import UserError
+from msad.sweep.experiment_files import ExperimentFiles
 from msad.sweep.report import TrialSummary
 from msad.sweep.tracking import make_wandb_callback, scrub_secrets, sync_command, wandb_mode
 
@@ -69,7 +70,7 @@ def test_auto_follows_wandb_mode_in_the_environment(no_wandb_env: Path, monkeypa
 
 
 def test_disabled_tracking_makes_no_callback(tmp_path: Path) -> None:
-    assert make_wandb_callback(TrackingConfig(mode="disabled"), "exp", tmp_path) is None
+    assert make_wandb_callback(TrackingConfig(mode="disabled"), "exp", ExperimentFiles(str(tmp_path))) is None
 
 
 def test_scrub_secrets_drops_credential_keys_at_any_depth() -> None:
@@ -154,7 +155,7 @@ def tune_run(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Pat
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
     try:
         callback = make_wandb_callback(TrackingConfig(project="msad-test", mode="offline", tags=["sweep-test"]),
-                                       "exp", experiment_dir)
+                                       "exp", ExperimentFiles(str(experiment_dir)))
         spec = lambda s: TRIALS[s.config.trial_name]  # noqa: E731
         tuner = tune.Tuner(
             _trainable,
@@ -162,7 +163,7 @@ def tune_run(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Pat
                          "msad": tune.sample_from(lambda s: _msad_config(spec(s)[0], spec(s)[1]))},
             tune_config=tune.TuneConfig(max_concurrent_trials=3),
             run_config=tune.RunConfig(name="exp", storage_path=str(storage), verbose=0,
-                                      callbacks=[callback, TrialSummaryCallback(experiment_dir, callback)]),
+                                      callbacks=[callback, TrialSummaryCallback(callback.files, callback)]),
         )
         results = tuner.fit()
     finally:

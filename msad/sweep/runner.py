@@ -21,12 +21,22 @@ from typing import Any
 
 from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
 from msad.config import config_from_dict
 from msad.engine import storage
 from msad.errors import UserError
-from msad.sweep.report import RESULTS_DIR, TrialSummary, read_trial_summaries, write_report, write_trial_summary
+from msad.sweep.experiment_files import ExperimentFiles
+from msad.sweep.report import (
+    REPORT_CSV,
+    REPORT_MD,
+    REPORT_PLOT,
+    RESULTS_DIR,
+    TrialSummary,
+    read_trial_summaries,
+    write_report,
+    write_trial_summary,
+)
 from msad.sweep.spec import Sweep, TrialSpec, load_sweep
 from msad.sweep.tracking import WandbTrialLogger, make_wandb_callback, sync_command
 
@@ -44,7 +54,10 @@ class TeacherFirstSearcher(Searcher):
 
     The released students get the best (by AP) of their width's teacher checkpoints; if every teacher of the width
     failed, they are released with a `dependency_error` naming the teacher(s), so they fail with that message while
-    other widths go on. Its state is saved with the experiment, so a resumed sweep releases the same students.
+    other widths go on. Its state is saved with the experiment. When a sweep is resumed (`restore`), the trials that
+    failed are handed out again: a failed teacher first (its Train run continues from its last checkpoint), and the
+    students of its width wait for it again, then train from the new checkpoint. Being handed out by the searcher,
+    re-runs count against `max_concurrent_trials` like every other trial.
 
     Args:
         teachers: teacher trials, in order.
@@ -53,60 +66,112 @@ class TeacherFirstSearcher(Searcher):
 
     def __init__(self, teachers: list[TrialSpec], students: list[TrialSpec]) -> None:
         super().__init__(metric=None, mode=None)
-        self.pending_teachers = [t.tune_config() for t in teachers]
+        self.planned = {t.name: t.tune_config() for t in [*teachers, *students]}  # as first handed out
+        self.pending_teachers = [t.name for t in teachers]
         self.ready: list[dict[str, Any]] = []
-        self.waiting: dict[float, list[dict[str, Any]]] = defaultdict(list)
+        self.waiting: dict[float, list[str]] = defaultdict(list)
         for s in students:
-            (self.ready if s.teacher_checkpoint else self.waiting[s.width]).append(s.tune_config())
+            if s.teacher_checkpoint:
+                self.ready.append(self.planned[s.name])
+            else:
+                self.waiting[s.width].append(s.name)
         self.teachers_left: dict[float, int] = defaultdict(int)
         for t in teachers:
             self.teachers_left[t.width] += 1
-        self.running_teachers: dict[str, tuple[float, str]] = {}
+        self.handed_out: dict[str, str] = {}  # trial id -> trial name, until the trial ends
+        self.tracking_ids: dict[str, str] = {}  # trial name -> its first trial id (a re-run keeps its W&B run)
+        self.attempts: dict[str, int] = defaultdict(int)
         self.finished: dict[float, list[tuple[float, str, str]]] = defaultdict(list)  # (AP, checkpoint, name)
-        self.failed: dict[float, list[str]] = defaultdict(list)
+        self.failed: dict[float, list[str]] = defaultdict(list)  # failed teachers per width
+        self.to_rerun: list[str] = []  # trials that failed, handed out again when the sweep is resumed
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if self.pending_teachers:  # teachers gate everything else: start them first
-            config = self.pending_teachers.pop(0)
-            self.running_teachers[trial_id] = (config["width"], config["trial_name"])
-            return config
-        if self.ready:
-            return self.ready.pop(0)
-        if any(self.waiting.values()):
+            config = self.planned[self.pending_teachers.pop(0)]
+        elif self.ready:
+            config = self.ready.pop(0)
+        elif any(self.waiting.values()):
             return None  # a teacher is still running; Tune asks again later
-        return Searcher.FINISHED
+        else:
+            return Searcher.FINISHED
+        name = config["trial_name"]
+        self.handed_out[trial_id] = name
+        self.tracking_ids.setdefault(name, trial_id)
+        attempt = self.attempts[name]
+        self.attempts[name] += 1
+        return {**config, "attempt": attempt, "tracking_id": self.tracking_ids[name]}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id not in self.running_teachers:
+        name = self.handed_out.pop(trial_id, None)
+        if name is None:
             return
-        width, name = self.running_teachers.pop(trial_id)
         checkpoint = (result or {}).get("best_checkpoint")
+        if error:
+            self.to_rerun.append(name)
+        if self.planned[name]["role"] != "teacher":
+            return
+        width = self.planned[name]["width"]
         if error or not checkpoint:
             self.failed[width].append(name)
         else:
             self.finished[width].append((float(result.get("AP", -1.0)), str(checkpoint), name))
         self.teachers_left[width] -= 1
         if self.teachers_left[width] == 0:
-            self._release(width)
+            self.ready.extend(self._released(name) for name in self.waiting.pop(width, []))
 
-    def _release(self, width: float) -> None:
-        students_of_width = self.waiting.pop(width, [])
-        if self.finished[width]:
-            _, checkpoint, name = max(self.finished[width])
-            for config in students_of_width:
-                config["msad"]["train"]["teacher_checkpoint"] = checkpoint
-                self.ready.append({**config, "teacher_name": name})
-        else:
+    def _released(self, student: str) -> dict[str, Any]:
+        """A waiting student's config once all its width's teachers have ended: with the best teacher's
+        checkpoint, or with the error that names the failed teachers."""
+        config = self.planned[student]
+        width = config["width"]
+        if not self.finished[width]:
             reason = f"teacher {', '.join(self.failed[width])} (width {width:g}) failed; its students were not run"
-            self.ready.extend({**config, "dependency_error": reason} for config in students_of_width)
+            return {**config, "dependency_error": reason}
+        _, checkpoint, teacher = max(self.finished[width])
+        msad = {**config["msad"], "train": {**config["msad"]["train"], "teacher_checkpoint": checkpoint}}
+        return {**config, "msad": msad, "teacher_name": teacher}
+
+    def requeue_failed(self) -> None:
+        """Hand out the failed trials again: teachers first; students of a re-run teacher's width wait for it."""
+        failed, self.to_rerun = self.to_rerun, []
+        for name in failed:
+            config = self.planned[name]
+            if config["role"] == "teacher":
+                self.failed[config["width"]].remove(name)
+                self.teachers_left[config["width"]] += 1
+                self.pending_teachers.append(name)
+        for name in failed:
+            config = self.planned[name]
+            if config["role"] == "teacher":
+                continue
+            if self.teachers_left[config["width"]] > 0 and not config["msad"]["train"]["teacher_checkpoint"]:
+                self.waiting[config["width"]].append(name)
+            elif config["msad"]["train"]["teacher_checkpoint"]:  # a teacher file given in the sweep
+                self.ready.append(config)
+            else:
+                self.ready.append(self._released(name))
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.__dict__, f)
 
     def restore(self, checkpoint_path: str) -> None:
+        """Tune calls this only when a sweep is resumed: the failed trials are run again."""
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+        self.requeue_failed()
+
+
+class ResumableSearch(SearchGenerator):
+    """Tune's `SearchGenerator`, except that a resumed sweep asks its searcher again for trials.
+
+    Tune records that the searcher said FINISHED and, on restore, would never ask it again; but a resumed sweep's
+    searcher has the failed trials to hand out again (`TeacherFirstSearcher.restore`). It answers FINISHED again at
+    once when there are none.
+    """
+
+    def set_state(self, state: dict) -> None:
+        super().set_state({**state, "finished": False})
 
 
 class StudentASHA(AsyncHyperBandScheduler):
@@ -165,18 +230,15 @@ def _summary_base(trial: Any) -> TrialSummary:
 
 class TrialSummaryCallback(Callback):
     """Writes each ended trial's row (results/<trial>.json) for the report, on the driver, and closes the trial's
-    W&B run with the same row as its summary.
-
-    It runs where the sweep was launched, so the report and W&B files stay on that machine even when trials run on
-    other nodes and their checkpoints live in an object store.
+    W&B run with the same row as its summary; both are uploaded to an object-store experiment right away.
 
     Args:
-        results_dir: the local experiment folder (rows go to its results/).
+        files: the experiment's files (rows go to its results/).
         wandb: the sweep's W&B logger, if tracking is on.
     """
 
-    def __init__(self, results_dir: Path, wandb: WandbTrialLogger | None = None) -> None:
-        self.results_dir = results_dir
+    def __init__(self, files: ExperimentFiles, wandb: WandbTrialLogger | None = None) -> None:
+        self.files = files
         self.wandb = wandb
         self.started: dict[str, float] = {}
 
@@ -185,9 +247,11 @@ class TrialSummaryCallback(Callback):
 
     def _write(self, trial: Any, summary: TrialSummary) -> None:
         timed = dataclasses.replace(summary, started_at=self.started.get(trial.trial_id), ended_at=time.time())
-        write_trial_summary(self.results_dir, timed)
-        if self.wandb is not None:
-            self.wandb.finish_trial(trial, timed)
+        row = write_trial_summary(self.files.local, timed)
+        uploads = [row.relative_to(self.files.local).as_posix()]
+        if self.wandb is not None and (run_folder := self.wandb.finish_trial(trial, timed)):
+            uploads.append(run_folder)
+        self.files.upload(*uploads)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
@@ -198,6 +262,11 @@ class TrialSummaryCallback(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._write(trial, _summary_base(trial).failed(_error_line(trial)))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # W&B runs still open were closed by the W&B logger, which comes first in the callbacks
+        if self.wandb is not None and (self.files.local / "wandb").is_dir():
+            self.files.upload("wandb")
 
 
 class SharedStorageWatch(Callback):
@@ -280,12 +349,15 @@ def check_head_fits_trial_drivers(sweep: Sweep) -> None:
                             "outlive GPU nodes): give the head that much (ray start --num-cpus) or ask for less")
 
 
-def local_home(sweep: Sweep) -> Path:
-    """Where the driver keeps the report, trial rows and W&B offline runs: the experiment folder itself when
-    storage is a path, else ./runs/<name> (object stores hold only Ray's state and checkpoints)."""
-    if storage.is_uri(sweep.experiment_dir):
-        return Path("runs").resolve() / sweep.spec.name
-    return Path(sweep.experiment_dir)
+def _make_search(sweep: Sweep) -> ResumableSearch:
+    """The teacher-first searcher under Tune's concurrency limit (applied here, so re-runs count too)."""
+    searcher = TeacherFirstSearcher(sweep.teachers, sweep.students)
+    return ResumableSearch(ConcurrencyLimiter(searcher, max_concurrent=sweep.spec.max_concurrent_trials))
+
+
+def _trial_dirname(trial: Any) -> str:
+    attempt = trial.config.get("attempt", 0)
+    return trial.config["trial_name"] + (f"-rerun{attempt}" if attempt else "")
 
 
 def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None, resume: bool = False) -> Path:
@@ -298,13 +370,17 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
     from msad.engine.trainer import check_shared_storage, init_ray
 
     sweep = load_sweep(spec_path, overrides)
-    experiment_dir, home = sweep.experiment_dir, local_home(sweep)
+    experiment_dir = sweep.experiment_dir
+    files = ExperimentFiles(experiment_dir)
     exists = storage.exists(experiment_dir)
     if exists and not resume:
         raise UserError(f"{experiment_dir}: experiment exists; add --resume to continue it, or set a new name "
                         "in the sweep file (nothing was overwritten)")
     if resume and not exists:
         raise UserError(f"{experiment_dir}: no experiment to resume; run without --resume to start it")
+    if files.remote and not exists and (files.local / RESULTS_DIR).is_dir():
+        raise UserError(f"{files.local}: holds the results of an earlier experiment named {sweep.spec.name!r} "
+                        f"(the local copy of {experiment_dir}); move it away, or set a new name in the sweep file")
     resolve_data_paths(sweep.base.data)  # generate the built-in dataset once, before trials race for it
     init_ray(address)
     check_head_fits_trial_drivers(sweep)
@@ -312,33 +388,42 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
 
     trainable = tune.with_resources(run_trial, trial_driver_resources(sweep))
     if exists and tune.Tuner.can_restore(experiment_dir):
-        tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=True)
+        files.pull(RESULTS_DIR)  # the rows so far, from wherever the experiment is stored
+        # errored trials stay ERROR in Tune's list; the searcher hands them out again (TeacherFirstSearcher.restore)
+        tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False)
     else:
-        wandb = make_wandb_callback(sweep.base.tracking, sweep.spec.name, home)
+        wandb = make_wandb_callback(sweep.base.tracking, sweep.spec.name, files)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=TeacherFirstSearcher(sweep.teachers, sweep.students),
+                search_alg=_make_search(sweep),
                 scheduler=make_scheduler(sweep),
-                num_samples=len(sweep.teachers) + len(sweep.students),
-                max_concurrent_trials=sweep.spec.max_concurrent_trials,
+                num_samples=-1,  # the searcher says when the sweep is done (re-runs included)
                 trial_name_creator=lambda trial: trial.config["trial_name"],
-                trial_dirname_creator=lambda trial: trial.config["trial_name"],
+                trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
                 name=sweep.spec.name, storage_path=storage.resolve(sweep.base.distributed.storage_path),
                 failure_config=tune.FailureConfig(max_failures=sweep.spec.trial_retries),
-                callbacks=[*([wandb] if wandb else []), TrialSummaryCallback(home, wandb),
+                callbacks=[*([wandb] if wandb else []), TrialSummaryCallback(files, wandb),
                            SharedStorageWatch(sweep.base.distributed.storage_path, checked_nodes)],
                 progress_reporter=_progress_reporter()),
         )
+    started = time.time()
     tuner.fit()  # on Ctrl-C Tune saves the experiment's state and returns early
-    total = len(sweep.teachers) + len(sweep.students)
-    ended = len(read_trial_summaries(home)) if (home / RESULTS_DIR).is_dir() else 0
-    if ended:
-        print(write_report(home))
-    print(f"\nexperiment: {experiment_dir}\nreport: {home}\nW&B offline runs, to upload: {sync_command(home)}")
-    if ended < total:
-        raise SweepInterrupted(f"sweep stopped with {total - ended} of {total} trials unfinished; continue it with: "
-                               f"launch.py {spec_path} --resume")
-    return home
+    names = {t.name for t in [*sweep.teachers, *sweep.students]}
+    rows = read_trial_summaries(files.local) if (files.local / RESULTS_DIR).is_dir() else []
+    # an ERROR row from before this run belongs to a trial the resumed searcher handed out again: not ended yet
+    ended = len(names & {r.name for r in rows if r.status != "ERROR" or (r.ended_at or 0.0) >= started})
+    if rows:
+        print(write_report(files.local))
+        files.upload(REPORT_MD, REPORT_CSV, REPORT_PLOT)
+    print(f"\nexperiment: {experiment_dir}\nreport: {files.describe()}\n"
+          f"W&B offline runs, to upload: {sync_command(files.local)}")
+    if not files.upload():
+        print(f"warning: some files are only in {files.local}; upload them to {experiment_dir} (e.g. aws s3 sync) "
+              "or run launch.py report on the local copy", file=sys.stderr)
+    if ended < len(names):
+        raise SweepInterrupted(f"sweep stopped with {len(names) - ended} of {len(names)} trials unfinished; "
+                               f"continue it with: launch.py {spec_path} --resume")
+    return files.local

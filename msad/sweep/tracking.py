@@ -11,7 +11,9 @@ logs those) and out of Ray's private logging-actor API; the driver already recei
   those are skipped, so its curve continues instead of being dropped or doubled;
 - every run ends with the same summary keys (the fields of the trial's report row, None as NaN) and its
   `status`, whether it finished, was stopped by the scheduler, failed or was interrupted;
-- runs are written under `EXPERIMENT_DIR/wandb/`, so offline runs travel with the experiment.
+- runs are written under `EXPERIMENT_DIR/wandb/` (the local copy, for an object-store experiment: the sweep uploads
+  each run's folder when its trial ends), so offline runs travel with the experiment;
+- a trial run again after a failure (`--resume`) continues its first attempt's W&B run (`tracking_id`).
 
 The API key is never passed as an argument nor written anywhere by msad: wandb reads `WANDB_API_KEY` (or the
 driver machine's `~/.netrc`, from `wandb login`) itself, in the driver process only.
@@ -34,6 +36,7 @@ from ray.tune.experiment import Trial
 
 from msad.config import TrackingConfig
 from msad.errors import UserError
+from msad.sweep.experiment_files import ExperimentFiles
 from msad.sweep.report import TrialSummary
 
 MODES = ("online", "offline", "disabled")
@@ -128,14 +131,14 @@ class WandbTrialLogger(Callback):
         tracking: the `tracking` config section (project, entity, tags).
         mode: "online" or "offline" (see `wandb_mode`).
         experiment_name: the sweep's name; every trial's run joins this W&B group.
-        experiment_dir: local experiment folder; wandb writes `experiment_dir/wandb/`.
+        files: the experiment's files; wandb writes `<files.local>/wandb/`.
     """
 
-    def __init__(self, tracking: TrackingConfig, mode: str, experiment_name: str, experiment_dir: Path) -> None:
+    def __init__(self, tracking: TrackingConfig, mode: str, experiment_name: str, files: ExperimentFiles) -> None:
         self.tracking = tracking
         self.mode = mode
         self.experiment_name = experiment_name
-        self.experiment_dir = Path(experiment_dir)
+        self.files = files
         self._runs: dict[str, Any] = {}  # trial id -> wandb Run
         self._last_step: dict[str, int] = {}
 
@@ -147,7 +150,7 @@ class WandbTrialLogger(Callback):
         if self.mode == "online" and not wandb_api_key_available():
             raise UserError("tracking.mode: online needs a W&B API key (WANDB_API_KEY or `wandb login` on the "
                             "machine that runs the sweep); use offline or auto to log without one")
-        self.experiment_dir.mkdir(parents=True, exist_ok=True)  # wandb falls back to /tmp when `dir` is missing
+        self.files.local.mkdir(parents=True, exist_ok=True)  # wandb falls back to /tmp when `dir` is missing
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         if trial.trial_id in self._runs:  # the same trial started again (Tune retry): its run goes on
@@ -159,8 +162,8 @@ class WandbTrialLogger(Callback):
         run = wandb.init(
             project=self.tracking.project, entity=self.tracking.entity, group=self.experiment_name, job_type=role,
             name=str(_trial_value(trial, "trial_name")), tags=[*self.tracking.tags, role, f"w{width:g}"],
-            config=self.run_config(trial), dir=str(self.experiment_dir), mode=self.mode,
-            id=trial.trial_id, resume="allow",  # a resumed sweep continues each trial's run
+            config=self.run_config(trial), dir=str(self.files.local), mode=self.mode,
+            id=trial.config.get("tracking_id") or trial.trial_id, resume="allow",  # resumed and re-run: same run
             reinit="create_new",  # one run object per trial in this process, several open at once
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, disable_git=True),
         )
@@ -175,13 +178,16 @@ class WandbTrialLogger(Callback):
         run.log(_history_values(result), step=step)
         self._last_step[trial.trial_id] = step
 
-    def finish_trial(self, trial: Trial, summary: TrialSummary) -> None:
-        """Write the trial's report row into its run's summary and close the run."""
+    def finish_trial(self, trial: Trial, summary: TrialSummary) -> str | None:
+        """Write the trial's report row into its run's summary and close the run; returns the run's folder
+        relative to the experiment (e.g. "wandb/offline-run-..."), or None if the trial had no open run."""
         run = self._runs.pop(trial.trial_id, None)
         if run is None:
-            return
+            return None
         run.summary.update(summary_values(summary))
+        folder = Path(run.dir).parent  # run.dir is the run's files/ folder
         run.finish(exit_code=1 if summary.status == "ERROR" else 0)
+        return folder.relative_to(self.files.local).as_posix()
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         for trial_id in list(self._runs):  # interrupted (Ctrl-C): keep what was logged, say so
@@ -196,7 +202,7 @@ class WandbTrialLogger(Callback):
 
 
 def make_wandb_callback(tracking: TrackingConfig, experiment_name: str,
-                        experiment_dir: Path) -> WandbTrialLogger | None:
+                        files: ExperimentFiles) -> WandbTrialLogger | None:
     """The Tune callback that tracks a sweep in W&B, or None when `tracking.mode` resolves to "disabled".
 
     Put it in `ray.tune.RunConfig(callbacks=[...])` (a Tune callback: Train's RunConfig rejects it).
@@ -204,12 +210,12 @@ def make_wandb_callback(tracking: TrackingConfig, experiment_name: str,
     Args:
         tracking: the `tracking` config section.
         experiment_name: the sweep's name (the W&B group).
-        experiment_dir: the local experiment folder; runs land in `experiment_dir/wandb/`.
+        files: the experiment's files; runs land in `<files.local>/wandb/`.
     """
     mode = wandb_mode(tracking.mode)
     if mode == "disabled":
         return None
-    return WandbTrialLogger(tracking, mode, experiment_name, Path(experiment_dir))
+    return WandbTrialLogger(tracking, mode, experiment_name, files)
 
 
 def sync_command(experiment_dir: Path | str) -> str:
