@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from msad.errors import UserError
-from msad.models.convert import convert_original, infer_width, load_original
+from msad.models.convert import STEM_WEIGHT, convert_original, infer_width, load_original
 from msad.models.detector import load_state_strictly
 from msad.models.student import MSADStudent
 from msad.models.teacher import MSADTeacher
@@ -86,15 +86,27 @@ def test_round_trip_gives_identical_outputs(trained_pair: tuple[MSADTeacher, MSA
     fresh_teacher, fresh_student = MSADTeacher(**TINY).eval(), MSADStudent(**TINY).eval()
     load_state_strictly(fresh_teacher, converted.teacher, str(path))
     load_state_strictly(fresh_student, converted.student, str(path))
-    images = torch.randn(2, 3, 256, 512, generator=torch.Generator().manual_seed(13))
-    with torch.no_grad():
-        want, got = teacher.fuse_aligned_levels(images), fresh_teacher.fuse_aligned_levels(images)
-        assert all(torch.equal(a, b) for a, b in zip(want.fused, got.fused, strict=True))
-        assert torch.equal(want.fusion_weights, got.fusion_weights)
-        want_out, got_out = student.head_outputs(images), fresh_student.head_outputs(images)
-    for a, b in zip(want_out.cls_logits + want_out.box_regression + want_out.centerness,
-                    got_out.cls_logits + got_out.box_regression + got_out.centerness, strict=True):
-        assert torch.equal(a, b)
+    for ours, converted_state in ((teacher, converted.teacher), (student, converted.student)):
+        assert converted_state.keys() == ours.state_dict().keys()
+        assert all(torch.equal(converted_state[k], v) for k, v in ours.state_dict().items() if k != STEM_WEIGHT)
+
+
+def test_stem_reads_msads_input_as_the_original_read_its_own(trained_pair: tuple[MSADTeacher, MSADStudent]) -> None:
+    """The original's stem on Detectron2's input (BGR, 0-255 minus its mean, std 1), computed here from those
+    definitions, equals the converted stem on msad's input (RGB, 0-1, ImageNet mean/std) of the same pixels."""
+    from msad.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    original_stem = torch.randn(16, 3, 7, 7, generator=torch.Generator().manual_seed(3))
+    state = _to_original(trained_pair[0].state_dict(), "T")
+    state["T_backbone.bottom_up.features.0.0.weight"] = original_stem
+    folded = convert_original(state).teacher[STEM_WEIGHT]
+    pixels = torch.randint(0, 256, (1, 3, 40, 48), generator=torch.Generator().manual_seed(4)).float()  # RGB
+    detectron2_input = pixels.flip(1) - torch.tensor([103.530, 116.280, 123.675]).view(1, 3, 1, 1)
+    msad_input = (pixels / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1)
+    want = torch.nn.functional.conv2d(detectron2_input, original_stem, stride=2, padding=3)
+    got = torch.nn.functional.conv2d(msad_input, folded, stride=2, padding=3)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3 * want.abs().max().item())
 
 
 def test_teacher_file_converts_to_a_teacher(trained_pair: tuple[MSADTeacher, MSADStudent]) -> None:
@@ -122,13 +134,17 @@ def test_unknown_or_incomplete_keys_are_refused(trained_pair: tuple[MSADTeacher,
 
 
 def test_saved_input_normalisation_is_checked(trained_pair: tuple[MSADTeacher, MSADStudent]) -> None:
+    """The fold assumes Detectron2's default input; a file saying otherwise is refused, naming the buffer."""
     original = _to_original(trained_pair[0].state_dict(), "T")
+    detectron2 = {"pixel_mean": torch.tensor([103.53, 116.28, 123.675]).view(3, 1, 1),
+                  "pixel_std": torch.tensor([1.0, 1.0, 1.0]).view(3, 1, 1)}
+    assert convert_original({**original, **detectron2}).role == "teacher"
     rgb = {"pixel_mean": torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1),
            "pixel_std": torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)}
-    assert convert_original({**original, **rgb}).role == "teacher"
-    bgr = {**rgb, "pixel_mean": torch.tensor([103.53, 116.28, 123.675]).view(3, 1, 1)}
-    with pytest.raises(UserError, match="pixel_mean"):
-        convert_original({**original, **bgr})
+    with pytest.raises(UserError, match="pixel_mean is .*not Detectron2's default"):
+        convert_original({**original, **rgb})
+    with pytest.raises(UserError, match="pixel_std is .*not Detectron2's default"):
+        convert_original({**original, **detectron2, "pixel_std": rgb["pixel_std"]})
 
 
 def test_numpy_checkpoint_gets_a_clear_message(tmp_path: Path) -> None:
@@ -185,4 +201,5 @@ def test_convert_of_a_teacher_never_reads_model_pretrained(trained_pair: tuple[M
                  "model.pretrained=/nowhere/s_resnet50_0.25_0.5_0.75_1.0.pt"]) == 0
     state = load_checkpoint(out)
     assert state["role"] == "teacher" and state["config"]["model"]["pretrained"].startswith("/nowhere/")
-    assert all(torch.equal(state["model"][k], v) for k, v in trained_pair[0].state_dict().items())
+    assert all(torch.equal(state["model"][k], v) for k, v in trained_pair[0].state_dict().items()
+               if k != STEM_WEIGHT)  # the stem takes the input normalisation (test_stem_reads_msads_input...)

@@ -183,11 +183,14 @@ def test_teacher_predicts_each_branch(teacher: MSADTeacher) -> None:
     images = _images(256, 512)
     sizes = [(250, 500), (256, 400)]
     for branch in ("fused", "high", "low"):
-        detections = teacher.predict(images, sizes, branch=branch, score_thresh=0.0, max_detections=7)
+        # at random init most regressions are ReLU zeros: boxes without area, which post-processing drops
+        detections = teacher.predict(images, sizes, branch=branch, score_thresh=0.0, max_detections=1000)
         assert len(detections) == 2
         for det, (h, w) in zip(detections, sizes, strict=True):
-            assert det["boxes"].shape == (7, 4) and det["scores"].shape == det["labels"].shape == (7,)
+            count = len(det["boxes"])
+            assert 0 < count <= 1000 and det["scores"].shape == det["labels"].shape == (count,)
             assert (det["boxes"][:, 2] <= w).all() and (det["boxes"][:, 3] <= h).all()
+            assert (det["boxes"][:, 2:] > det["boxes"][:, :2]).all()
     with pytest.raises(UserError, match="unknown teacher branch"):
         teacher.predict(images, sizes, branch="both")
 
@@ -246,8 +249,8 @@ def test_student_predicts_alone() -> None:
     torch.manual_seed(5)
     model = MSADStudent(**TINY).eval()
     assert not any(isinstance(m, (MSADTeacher, CrossLevelFusion)) for m in model.modules())
-    detections = model.predict(_images(512, 256), [(500, 256), (512, 200)], score_thresh=0.0, max_detections=5)
-    assert [d["boxes"].shape for d in detections] == [(5, 4), (5, 4)]
+    detections = model.predict(_images(512, 256), [(500, 256), (512, 200)], score_thresh=0.0, max_detections=1000)
+    assert len(detections) == 2 and all(0 < len(d["boxes"]) <= 1000 for d in detections)
     assert (detections[1]["boxes"][:, 2] <= 200).all()
 
 
@@ -309,5 +312,5 @@ def test_plain_detector_trains_and_predicts() -> None:
     sum(losses.values()).backward()
     _check_trainable_grads(model)
     model.eval()
-    detections = model.predict(_images(), [(256, 256)] * 2, score_thresh=0.0, max_detections=3)
-    assert [d["scores"].shape for d in detections] == [(3,), (3,)]
+    detections = model.predict(_images(), [(256, 256)] * 2, score_thresh=0.0, max_detections=1000)
+    assert len(detections) == 2 and all(0 < len(d["scores"]) <= 1000 for d in detections)

@@ -6,6 +6,13 @@ The original saves ``{"model": state_dict, ...}``. A teacher file holds ``T_back
 ``S_fcos_head.*``. Our modules were named to make this a prefix rename: the backbone keeps the slimmable layout,
 the head keeps the FCOS attribute names, the pyramid has ``lateral.{k}`` / ``output.{k}`` / ``p6`` / ``p7`` and the
 fusion ``fc``. Every key must match a rule; anything else is refused by name, so nothing is silently dropped.
+
+The original reads Detectron2's default input: BGR, 0-255, minus (103.530, 116.280, 123.675), std 1. msad reads
+RGB in 0-1 normalised with ImageNet's mean and std. 255 x ImageNet's mean is Detectron2's mean in reverse order,
+so the original's input is, channel by channel, a scaling of ours: x_bgr[c] = 255 * std[2 - c] * x_rgb[2 - c]. The
+stem conv is linear, so ``fold_input_normalisation`` moves that scaling into its weights, exactly; zero padding is
+zero in both spaces. (The original saves no pixel_mean / pixel_std buffers; a file that does and disagrees with
+Detectron2's defaults is refused.)
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ from torch import Tensor
 from msad.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from msad.errors import UserError
 
-# Detectron2's meta-architecture may save the input normalisation as buffers (0..255 scale). Ours is ImageNet RGB;
-# weights trained with another normalisation (e.g. Detectron2's BGR default) would see different inputs here.
-_PIXEL_STATS = {"pixel_mean": IMAGENET_MEAN, "pixel_std": IMAGENET_STD}
+# Detectron2's defaults (BGR order, 0-255 scale), which the original's configs keep; see the module docstring.
+DETECTRON2_PIXEL_MEAN = (103.530, 116.280, 123.675)
+DETECTRON2_PIXEL_STD = (1.0, 1.0, 1.0)
+_PIXEL_STATS = {"pixel_mean": DETECTRON2_PIXEL_MEAN, "pixel_std": DETECTRON2_PIXEL_STD}
+STEM_WEIGHT = "backbone.features.0.0.weight"
 
 _HEAD_PARAMS = (
     r"(?:cls|bbox)_tower\.\d+\.(?:weight|bias)|cls_logits\.(?:weight|bias)|bbox_pred\.weight|ctrness\.weight"
@@ -64,12 +73,27 @@ class ConvertedCheckpoint:
 
 
 def _check_pixel_stats(key: str, value: Tensor, source: str) -> None:
-    expected = torch.tensor(_PIXEL_STATS[key]) * 255.0
+    expected = torch.tensor(_PIXEL_STATS[key])
     if value.numel() != 3 or not torch.allclose(value.flatten().float(), expected, atol=0.01):
         raise UserError(
-            f"{source}: {key} is {value.flatten().tolist()}, but msad normalises RGB inputs with "
-            f"{[round(v, 3) for v in expected.tolist()]}; these weights expect other inputs and cannot be converted"
+            f"{source}: {key} is {value.flatten().tolist()}, not Detectron2's default {list(expected.tolist())} "
+            "(BGR, 0-255), which the conversion folds into the stem; these weights expect other inputs"
         )
+
+
+def fold_input_normalisation(stem_weight: Tensor) -> Tensor:
+    """The stem conv weights that give, on msad's input (RGB, 0-1, ImageNet mean/std), what ``stem_weight`` gives
+    on the original's (BGR, 0-255 minus Detectron2's mean, std 1): input channel c of ours takes the original's
+    channel 2 - c, times 255 x ImageNet std[c] (derivation in the module docstring).
+
+    Args:
+        stem_weight: [out, 3, k, k] weights of the original's first conv.
+    """
+    # the means cancel only because 255 x ImageNet's mean is Detectron2's, reversed: check, not assume
+    reversed_mean = torch.tensor(IMAGENET_MEAN).flip(0) * 255.0
+    assert torch.allclose(reversed_mean, torch.tensor(DETECTRON2_PIXEL_MEAN), atol=1e-3), reversed_mean
+    scale = torch.tensor(IMAGENET_STD, dtype=stem_weight.dtype) * 255.0 / torch.tensor(DETECTRON2_PIXEL_STD)
+    return stem_weight.flip(1) * scale.view(1, 3, 1, 1)
 
 
 def convert_original(state_dict: Mapping[str, object], source: str = "original checkpoint") -> ConvertedCheckpoint:
@@ -104,6 +128,9 @@ def convert_original(state_dict: Mapping[str, object], source: str = "original c
             raise UserError(f"{source}: the {name} keys cover only {sorted(prefixes)}; backbone, FPN and head needed")
     if not teacher and not student:
         raise UserError(f"{source} holds no MSAD weights (no T_backbone / S_backbone keys)")
+    for part in (teacher, student):
+        if STEM_WEIGHT in part:
+            part[STEM_WEIGHT] = fold_input_normalisation(part[STEM_WEIGHT])
     return ConvertedCheckpoint(
         role="student" if student else "teacher", teacher=teacher or None, student=student or None
     )

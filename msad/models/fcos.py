@@ -351,16 +351,22 @@ def fcos_detections(outputs: HeadOutputs, strides: Sequence[int], image_sizes: l
         scores.append(top_scores[keep].sqrt())
         labels.append(label)
     image_index, boxes, scores, labels = (torch.cat(t) for t in (image_index, boxes, scores, labels))
-    boxes = boxes.clamp(min=0).minimum(image_hw[image_index].flip(1).repeat(1, 2))
 
-    # float64: the per-(image, class) coordinate offsets batched_nms may add reach ~B*C*image size, where float32
-    # would round coordinates enough to change IoUs of small boxes.
+    # The original's order (AdelaiDet's FCOSOutputs, then Detectron2's detector_postprocess): NMS on the boxes as
+    # decoded; per image the max_detections best, keeping every box tied with the last one; then clip to the image
+    # and drop boxes left without area. float64 for NMS: the per-(image, class) coordinate offsets batched_nms adds
+    # reach ~B*C*image size, where float32 would round coordinates enough to change IoUs of small boxes.
     keep = batched_nms(boxes.double(), scores.double(), image_index * num_classes + labels, nms_thresh)
     # keep is sorted by score; a stable sort by image keeps that order within each image.
     keep = keep[torch.sort(image_index[keep], stable=True).indices]
     kept_image = image_index[keep]
     counts = torch.bincount(kept_image, minlength=batch)
-    rank = torch.arange(len(keep), device=device) - (counts.cumsum(0) - counts)[kept_image]
-    keep = keep[rank < max_detections]
-    per_image = torch.split(keep, counts.clamp(max=max_detections).tolist())
+    starts = counts.cumsum(0) - counts
+    threshold = torch.full((batch,), -1.0, device=device)
+    capped = counts > max_detections
+    threshold[capped] = scores[keep[starts[capped] + max_detections - 1]]  # each image's max_detections-th score
+    keep = keep[scores[keep] >= threshold[kept_image]]
+    boxes = boxes.clamp(min=0).minimum(image_hw[image_index].flip(1).repeat(1, 2))
+    keep = keep[(boxes[keep, 2] > boxes[keep, 0]) & (boxes[keep, 3] > boxes[keep, 1])]
+    per_image = torch.split(keep, torch.bincount(image_index[keep], minlength=batch).tolist())
     return [{"boxes": boxes[k], "scores": scores[k], "labels": labels[k]} for k in per_image]

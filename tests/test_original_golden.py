@@ -1,0 +1,130 @@
+"""Converted original checkpoints give the original's outputs: a golden test against the original code itself.
+
+`tests/data/original_golden_w025.pt` was made by `tests/data/make_original_golden.py`, which runs the original MSAD
+(dvlab-research/MSAD a65fc09 on Detectron2 be792b95, CPU) on random weights in the original's format and records,
+per image, what its TFCOS (teacher) and SFCOS (student) compute: pyramid features of H (P3..P7) and L (P2..P6),
+the C-FF weights, the head's outputs per branch, and the final detections. Here that checkpoint is written out as
+the original's `.pth`, converted with `launch.py convert`, and msad's models are run on the same pixels, fed the way
+msad feeds every image (RGB, 0-1, ImageNet mean/std, zero-padded to 256): nothing of msad's is used to make the
+expected values.
+
+Tolerances: features and head outputs agree to 1e-4 relative to each map's scale (float32 convolutions summed in
+other orders through 50 layers; a wrong channel order or scale gives errors of order 1), C-FF weights to 1e-4;
+detections must be the
+same set: equal count and classes, scores and boxes within 1e-4 relative (boxes are regressions times strides up to
+128, so the head's 1e-5 becomes ~1e-3 pixels; a decoding difference is a pixel or more).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as F
+
+from msad.build import build_model
+from msad.config import config_from_dict, load_config
+from msad.data.transforms import IMAGENET_MEAN, IMAGENET_STD, collate
+from msad.engine.checkpoint import import_original_checkpoint, load_checkpoint
+from msad.models.detector import load_state_strictly
+from msad.models.teacher import HIGH_LEVELS, LOW_LEVELS
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "data" / "original_golden_w025.pt"
+FEATURE_RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    return torch.load(FIXTURE, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def original_file(golden: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The original's student checkpoint (teacher keys, SE and student keys), as Detectron2 saves it."""
+    scales = golden["checkpoint_scales"]
+    state = {k: v.float() * scales[k] if k in scales else v for k, v in golden["checkpoint_int8"].items()}
+    path = tmp_path_factory.mktemp("original") / "model_final.pth"
+    torch.save({"model": state, "iteration": 44999}, path)
+    return path
+
+
+def converted_model(original: Path, role: str, tmp: Path) -> torch.nn.Module:
+    """`launch.py convert` (its library call) on the original file, then the model as `eval` loads it."""
+    cfg = load_config(REPO / "configs" / "cpu_base.yaml", ["model.width_list=[0.25]", "model.fusion_hidden=8",
+                                                         f"train.role={role}"])
+    if role == "teacher":  # a teacher file: the original's teacher keys only, as its teacher training saves them
+        data = torch.load(original, weights_only=True)
+        teacher_only = tmp / "teacher_final.pth"
+        torch.save({"model": {k: v for k, v in data["model"].items() if not k.startswith("S_")}}, teacher_only)
+        original = teacher_only
+    checkpoint = load_checkpoint(import_original_checkpoint(original, cfg, tmp / f"{role}.pt"))
+    assert checkpoint["role"] == role
+    model = build_model(config_from_dict(checkpoint["config"]), load_pretrained=False)
+    load_state_strictly(model, checkpoint["model"], role)
+    return model.eval()
+
+
+def msad_input(image_bgr: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """msad's input for the pixels the original read: RGB, scaled to 0-1, ImageNet-normalised, padded to 256."""
+    rgb = F.normalize(F.to_dtype(image_bgr.flip(0), torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+    batch = collate([(rgb, {})], size_divisibility=256)
+    return batch.images, batch.image_sizes
+
+
+def assert_maps_close(ours: list[torch.Tensor], theirs: list[torch.Tensor], what: str) -> None:
+    assert len(ours) == len(theirs), what
+    for level, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert a.shape == b.shape, f"{what}[{level}]: {tuple(a.shape)} vs {tuple(b.shape)}"
+        error = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
+        assert error < FEATURE_RTOL, f"{what}[{level}]: max error {error:.2e} of the map's scale"
+
+
+def assert_same_detections(ours: dict, theirs: dict, what: str) -> None:
+    order = torch.argsort(ours["scores"], descending=True, stable=True)
+    expected = torch.argsort(theirs["scores"], descending=True, stable=True)
+    assert len(order) == len(expected) > 10, f"{what}: {len(order)} detections vs the original's {len(expected)}"
+    torch.testing.assert_close(ours["scores"][order], theirs["scores"][expected], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours["labels"][order], theirs["classes"][expected])
+    torch.testing.assert_close(ours["boxes"][order], theirs["boxes"][expected], rtol=1e-4, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def teacher(original_file: Path, tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
+    return converted_model(original_file, "teacher", tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="module")
+def student(original_file: Path, tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
+    return converted_model(original_file, "student", tmp_path_factory.mktemp("student"))
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_converted_teacher_matches_the_original_level_by_level(golden: dict, teacher, index: int) -> None:
+    reference = golden["teacher"][index]
+    images, sizes = msad_input(golden["images_bgr"][index])
+    with torch.no_grad():
+        features = teacher.fuse_aligned_levels(images)
+        assert_maps_close(features.high, reference["high"], f"H pyramid {HIGH_LEVELS}")
+        assert_maps_close(features.low, reference["low"], f"L pyramid {LOW_LEVELS}")
+        torch.testing.assert_close(features.fusion_weights[0], reference["fusion_weights"], rtol=0, atol=1e-4)
+        for branch, maps in (("high", features.high), ("low", features.low), ("fused", features.fused)):
+            heads = teacher.head(maps)
+            for field in ("cls_logits", "box_regression", "centerness"):
+                assert_maps_close(getattr(heads, field), reference["heads"][branch][field], f"{branch} {field}")
+        (detections,) = teacher.predict(images, sizes)
+    assert_same_detections(detections, reference["detections"], "teacher")
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_converted_student_matches_the_original_level_by_level(golden: dict, student, index: int) -> None:
+    reference = golden["student"][index]
+    images, sizes = msad_input(golden["images_bgr"][index])
+    with torch.no_grad():
+        assert_maps_close(student.low_features(images), reference["low"], f"student L pyramid {LOW_LEVELS}")
+        heads = student.head_outputs(images)
+        for field in ("cls_logits", "box_regression", "centerness"):
+            assert_maps_close(getattr(heads, field), reference["heads"]["student"][field], f"student {field}")
+        (detections,) = student.predict(images, sizes)
+    assert_same_detections(detections, reference["detections"], "student")
