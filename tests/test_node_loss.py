@@ -45,7 +45,7 @@ from msad.sweep.report import read_trial_summaries
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TEACHER_ITERATIONS = 24
+TEACHER_ITERATIONS = 16
 CANARY = "msadcanary" + "0123456789abcdef0123456789ab"  # 40 characters, like a real key
 
 

@@ -89,10 +89,6 @@ def test_readme_training_runs_as_written(tmp_path: Path, shapes_cache: Path) -> 
     eval_argv = [arg.replace("checkpoint_0000300", f"checkpoint_{ITERATIONS:07d}") for arg in eval_cmd]
     metrics = json.loads(finish(launch(work, [*eval_argv, *tiny], env), "README eval of the student"))
     assert metrics["role"] == "student" and 0.0 <= metrics["AP"] <= 1.0
-    teacher_eval = json.loads(finish(launch(work, [
-        "eval", "configs/teacher_w025_cpu.yaml", "--weights", teacher_summary["checkpoint"], *tiny,
-        "--output", "eval/teacher"], env), "eval of the teacher"))
-    assert teacher_eval["role"] == "teacher" and 0.0 <= teacher_eval["AP"] <= 1.0
     finish(launch(work, ["export", student_summary["checkpoint"], "--output", "student.pt"], env), "export")
     assert (work / "student.pt").is_file()
 
