@@ -7,10 +7,10 @@ initial fc on the trained features gives about the trained logits, the fc did no
 under a (nearly) fixed projection. BN runs in train mode by default, as during training (batch statistics).
 
     python benchmarks/fusion_diagnosis.py runs/fidelity/teacher/checkpoint_0000300/checkpoint.pt \
-        [--fusion-init xavier] [--images 8] [--eval-mode]
+        [--fusion-init original] [--images 8] [--eval-mode]
 
-Checkpoints written before `model.fusion_init` existed were trained with the original's Xavier init: pass
-`--fusion-init xavier` for them (their saved config lacks the key and would read as today's default).
+Checkpoints written before `model.fusion_init` existed were trained with `xavier_uniform_` (then believed to be the
+original's init; it is not): their saved config lacks the key and reads as today's default, `zero`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def row(label: str, values: Tensor, digits: int = 2) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="a teacher training checkpoint (checkpoint.pt)")
-    parser.add_argument("--fusion-init", choices=("zero", "xavier"), help="override the saved model.fusion_init")
+    parser.add_argument("--fusion-init", choices=("zero", "original"), help="override the saved model.fusion_init")
     parser.add_argument("--images", type=int, default=8, help="val images to average over")
     parser.add_argument("--eval-mode", action="store_true", help="BN with running statistics instead of batch ones")
     args = parser.parse_args()

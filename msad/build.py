@@ -55,7 +55,8 @@ def resolve_data_paths(data: DataConfig) -> DataPaths:
 def build_train_dataset(cfg: Config, paths: DataPaths) -> CocoDetection:
     d = cfg.data
     return CocoDetection(paths.train_images, paths.train_annotations,
-                         train_transform(d.train_short_sides, d.max_size, d.hflip_prob))
+                         train_transform(d.train_short_sides, d.max_size, d.hflip_prob),
+                         drop_images_without_boxes=d.drop_train_images_without_boxes)
 
 
 def build_val_dataset(cfg: Config, paths: DataPaths) -> CocoDetection:
@@ -70,9 +71,11 @@ def check_num_classes(cfg: Config, dataset: CocoDetection) -> None:
                         f"{dataset.num_classes} (the categories in {dataset.annotation_file})")
 
 
-def _detector_kwargs(model: ModelConfig) -> dict:
+def _detector_kwargs(cfg: Config) -> dict:
+    model = cfg.model
     return dict(width=model.width, width_list=model.width_list, fpn_channels=model.fpn_channels,
-                num_classes=model.num_classes, head_convs=model.head_convs, gn_groups=model.gn_groups)
+                num_classes=model.num_classes, head_convs=model.head_convs, gn_groups=model.gn_groups,
+                giou_plus_one=cfg.train.giou_plus_one)
 
 
 def build_model(cfg: Config, load_pretrained: bool = True) -> nn.Module:
@@ -85,11 +88,11 @@ def build_model(cfg: Config, load_pretrained: bool = True) -> nn.Module:
     """
     role = cfg.train.role
     if role == "fcos":
-        model: nn.Module = FCOSDetector(**_detector_kwargs(cfg.model))
+        model: nn.Module = FCOSDetector(**_detector_kwargs(cfg))
     elif role == "teacher":
         model = build_teacher(cfg)
     else:
-        model = MSADStudent(**_detector_kwargs(cfg.model), low_res_mode=cfg.data.low_res_mode,
+        model = MSADStudent(**_detector_kwargs(cfg), low_res_mode=cfg.data.low_res_mode,
                             temperature=cfg.train.kd_temperature, kd_loss=cfg.train.kd_loss)
     # a student starts from its teacher (or, ablation, random), never from ImageNet weights
     if load_pretrained and cfg.model.pretrained and role != "student":
@@ -100,8 +103,9 @@ def build_model(cfg: Config, load_pretrained: bool = True) -> nn.Module:
 def build_teacher(cfg: Config) -> MSADTeacher:
     """The teacher as configured by `cfg` (also used to rebuild a trained teacher from its saved config)."""
     m = cfg.model
-    return MSADTeacher(**_detector_kwargs(m), fusion=m.fusion, fusion_hidden=m.fusion_hidden, fusion_init=m.fusion_init,
-                       joint_weight=cfg.train.fusion_joint_weight, low_res_mode=cfg.data.low_res_mode)
+    return MSADTeacher(**_detector_kwargs(cfg), fusion=m.fusion, fusion_hidden=m.fusion_hidden,
+                       fusion_init=m.fusion_init, joint_weight=cfg.train.fusion_joint_weight,
+                       low_res_mode=cfg.data.low_res_mode)
 
 
 def load_backbone_weights(backbone: nn.Module, model: ModelConfig) -> None:

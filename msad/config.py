@@ -62,11 +62,14 @@ class ModelConfig:
     # slimmable_networks ImageNet file (s_resnet50_0.25_0.5_0.75_1.0.pt), user-supplied; null = random init
     pretrained: str | None = path_field()
     pretrained_format: Literal["slimmable", "torchvision"] = "slimmable"  # torchvision ResNet-50 needs width 1.0
+    # train from random weights on purpose: COCO runs without model.pretrained are refused otherwise (a forgotten
+    # path would silently train a detector that reaches a fraction of the paper's AP)
+    random_init: bool = False
     fusion: bool = True  # teacher C-FF on; false = ablation "teacher on H only"
     fusion_hidden: int = 32  # C-FF MLP hidden size
-    # C-FF's last layer at start: "zero" = equal weights until the loss moves them; "xavier" = the original's random
-    # init, whose fixed random projection saturated the softmax as the features moved (benchmarks/RESULTS.md)
-    fusion_init: Literal["zero", "xavier"] = "zero"
+    # C-FF's last layer at start: "zero" = equal weights until the loss moves them (why: benchmarks/RESULTS.md, the
+    # fusion diagnosis); "original" = Detectron2's c2_xavier_fill (kaiming_uniform_, a=1) as the original
+    fusion_init: Literal["zero", "original"] = "zero"
 
 
 @dataclass
@@ -95,6 +98,9 @@ class DataConfig:
     low_res_mode: Literal["nearest", "antialias"] = "nearest"  # nearest = the original; antialias ~ a real camera
     size_divisibility: int = 256  # pad H to a multiple of this (256 keeps L's pyramid aligned with H's)
     hflip_prob: float = 0.5
+    # training images with no box to learn: kept as background examples; true = dropped, as the original
+    # (Detectron2's DATALOADER.FILTER_EMPTY_ANNOTATIONS); evaluation always keeps every image
+    drop_train_images_without_boxes: bool = False
     num_workers: int = 2  # DataLoader processes per training worker
 
 
@@ -112,6 +118,9 @@ class TrainConfig:
     weight_decay: float = 0.0001
     grad_clip: float = 0.0  # max total grad norm; 0 = off
     amp: Literal["off", "bf16", "fp16"] = "off"  # mixed precision (GPU only)
+    # BatchNorm statistics across all GPUs (SyncBN) when training on several; false = each GPU's own batch (the
+    # original's teachers at widths 0.5 and 0.75). CPU runs (gloo) always keep per-worker BN.
+    sync_bn: bool = True
     checkpoint_period: int = 100  # iterations between checkpoints
     eval_period: int = 0  # iterations between evaluations; 0 = only at the end
     keep_checkpoints: int = 2  # last-K checkpoints kept, besides the best by AP
@@ -122,8 +131,14 @@ class TrainConfig:
     kd_temperature: float = 3.0
     kd_warmup_iters: int = 500  # linear ramp of the KD weight
     kd_loss: Literal["l1", "mse"] = "l1"
+    # box loss: exact GIoU (torchvision); true = the original's, with IoU smoothed as (I + 1) / (U + 1) in stride
+    # units, which weakens the loss of small boxes
+    giou_plus_one: bool = False
     teacher_checkpoint: str | None = path_field()  # student only: the trained teacher (filled in by sweeps)
     init_from_teacher: bool = True  # student starts from the teacher's backbone and head
+    # the frozen teacher's BN while distilling: false = its running statistics (eval mode, deterministic per image);
+    # true = each batch's statistics, as the original leaves its teacher in train mode
+    teacher_batch_stats: bool = False
 
 
 @dataclass
@@ -476,11 +491,22 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def check_initialisation(cfg: Config) -> None:
+    """Refuse a COCO training that would start from random weights without saying so. A student initialised from
+    its teacher (train.init_from_teacher) needs no ImageNet file; eval and convert never read one."""
+    from_teacher = cfg.train.role == "student" and cfg.train.init_from_teacher
+    if cfg.data.dataset == "coco" and cfg.model.pretrained is None and not cfg.model.random_init and not from_teacher:
+        raise UserError("model.pretrained: a COCO run needs the ImageNet backbone weights (e.g. "
+                        "model.pretrained=/weights/s_resnet50_0.25_0.5_0.75_1.0.pt); set model.random_init=true to "
+                        "train from random weights on purpose")
+
+
 def check_ready_to_train(cfg: Config) -> None:
     """Checks that only matter once training starts (a sweep may fill these in later)."""
     t = cfg.train
     if t.role == "student" and not t.teacher_checkpoint:
         raise UserError("train.teacher_checkpoint: a student needs its trained teacher's checkpoint (got null)")
+    check_initialisation(cfg)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -89,7 +89,7 @@ def prepared() -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def paper() -> Sweep:
-    return load_sweep(REPO / "sweeps" / "paper.yaml")
+    return load_sweep(REPO / "sweeps" / "paper.yaml", ["model.pretrained=/shared/weights/s_resnet50.pt"])
 
 
 def trial_bundles(sweep: Sweep) -> list[list[dict[str, float]]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,19 @@ def test_student_without_teacher_checkpoint_fails_once_training_starts() -> None
     check_ready_to_train(load_config(None, ["train.role=student", "train.teacher_checkpoint=t.pt"]))
 
 
+def test_coco_training_without_imagenet_weights_is_refused_unless_asked_for(tmp_path: Path) -> None:
+    coco = ["data.dataset=coco", f"data.train_images={tmp_path}", f"data.train_annotations={tmp_path / 'a.json'}",
+            f"data.val_images={tmp_path}", f"data.val_annotations={tmp_path / 'a.json'}"]
+    with pytest.raises(UserError, match=r"^model.pretrained: a COCO run needs the ImageNet backbone weights .* "
+                                        r"set model.random_init=true to train from random weights on purpose$"):
+        check_ready_to_train(load_config(None, coco))
+    check_ready_to_train(load_config(None, [*coco, "model.random_init=true"]))
+    check_ready_to_train(load_config(None, [*coco, f"model.pretrained={tmp_path / 'w.pt'}"]))
+    # a student starts from its teacher's weights; eval and convert never call this check
+    check_ready_to_train(load_config(None, [*coco, "train.role=student", f"train.teacher_checkpoint={tmp_path}"]))
+    check_ready_to_train(load_config(None, ["train.role=fcos"]))  # the built-in dataset: random init is the point
+
+
 def test_bad_yaml_reports_line(tmp_path: Path) -> None:
     path = write(tmp_path / "bad.yaml", "model:\n  width: 0.25\n  fpn_channels: [64\ntrain:\n  iterations: 3\n")
     with pytest.raises(UserError, match=r"bad\.yaml: invalid YAML at line 4"):
@@ -158,3 +172,19 @@ def test_yaml_words_off_on_yes_no_are_strings_not_booleans(tmp_path: Path) -> No
     assert load_config(None, ["train.amp=off"]).train.amp == "off"
     with pytest.raises(UserError, match=r"model.fusion: invalid value 'yes'; expected true/false"):
         load_config(None, ["model.fusion=yes"])
+
+
+def test_original_yaml_turns_on_every_original_behaviour_the_departures_table_names() -> None:
+    """Each switch of README's "Departures from the original" table, set to the original's value in
+    configs/paper/original.yaml and different from msad's default."""
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("## Departures from the original", 1)[1].split("\n\n")[2]
+    switches = {key for key in re.findall(r"`([a-z_]+\.[a-z_]+): ", table)}
+    assert switches == {"model.fusion_init", "train.giou_plus_one", "train.teacher_batch_stats",
+                        "data.drop_train_images_without_boxes", "train.sync_bn"}
+    original, default = load_config(REPO / "configs" / "paper" / "original.yaml").to_dict(), Config().to_dict()
+    for key in switches - {"train.sync_bn"}:  # sync_bn: the original's newest configs use SyncBN, as msad
+        section, name = key.split(".")
+        assert original[section][name] != default[section][name], key
+    assert original["model"]["fusion_init"] == "original" and original["data"]["drop_train_images_without_boxes"]
+    assert original["train"]["giou_plus_one"] and original["train"]["teacher_batch_stats"]

@@ -176,6 +176,22 @@ def test_coco_dataset_maps_ids_and_filters_boxes(coco_dir: tuple[Path, Path]) ->
         dataset[3]
 
 
+def test_drop_images_without_boxes_keeps_only_images_with_a_box_to_learn(coco_dir: tuple[Path, Path]) -> None:
+    """Detectron2's FILTER_EMPTY_ANNOTATIONS (the original's setting): b (no annotation) and missing.png (none)
+    go; a (one real box besides the crowd one) and c (a box left after clipping) stay, with their own boxes."""
+    image_dir, annotation_file = coco_dir
+    with pytest.warns(UserWarning, match="degenerate"):
+        every = CocoDetection(image_dir, annotation_file, transform=None)
+        dropped = CocoDetection(image_dir, annotation_file, transform=None, drop_images_without_boxes=True)
+    assert every.image_ids == [11, 12, 13, 14] and dropped.image_ids == [11, 13]
+    assert dropped.image_sizes() == [(40, 60), (40, 60)]
+    for index, image_id in enumerate(dropped.image_ids):
+        want = every[every.image_ids.index(image_id)][1]
+        got = dropped[index][1]
+        assert got["image_id"] == image_id
+        assert torch.equal(got["boxes"], want["boxes"]) and torch.equal(got["labels"], want["labels"])
+
+
 def test_coco_dataset_applies_transform(coco_dir: tuple[Path, Path]) -> None:
     image_dir, annotation_file = coco_dir
     with pytest.warns(UserWarning):

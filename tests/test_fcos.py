@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from msad.models.fcos import (
     BACKGROUND,
@@ -22,8 +23,11 @@ from msad.models.fcos import (
     centerness_targets,
     fcos_detections,
     fcos_losses,
+    giou_loss_plus_one,
     level_locations,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _sizes(image: int) -> list[tuple[int, int]]:
@@ -363,3 +367,34 @@ def test_detections_empty_when_nothing_passes_the_threshold():
     for d in detections:
         assert d["boxes"].shape == (0, 4) and d["scores"].shape == (0,) and d["labels"].shape == (0,)
         assert d["labels"].dtype == torch.int64
+
+
+def test_giou_plus_one_is_the_originals_smoothed_giou_worked_by_hand():
+    """AdelaiDet's IOULoss("giou"): iou = (I + 1) / (U + 1), giou = iou - (C - U) / C, on ltrb in stride units."""
+    pred = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.0, 0.0]])
+    target = torch.tensor([[1.0, 1.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
+    # 1: a 2x2 box inside a 3x3 one: I 4, U 9, C 9: (4 + 1) / (9 + 1) = 0.5; exact 1 - 4/9
+    # 2: touching at a corner: I 0, U 1.25, C 2.25: 1/2.25 - 1/2.25 = 0; exact 0 - 1/2.25
+    torch.testing.assert_close(giou_loss_plus_one(pred, target), torch.tensor([0.5, 1.0]))
+    sign = torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    exact = generalized_box_iou_loss(pred * sign, target * sign, reduction="none")
+    torch.testing.assert_close(exact, torch.tensor([1 - 4 / 9, 1 + 1 / 2.25]))
+
+
+def test_giou_plus_one_switch_changes_only_the_box_loss():
+    from msad.build import build_model
+    from msad.config import load_config
+
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "configs" / "cpu_base.yaml", ["train.role=fcos", "model.width_list=[0.25]"])
+    exact = build_model(cfg).train()
+    smoothed = build_model(load_config(REPO / "configs" / "cpu_base.yaml",
+                                       ["train.role=fcos", "model.width_list=[0.25]", "train.giou_plus_one=true"]))
+    smoothed.load_state_dict(exact.state_dict())
+    images = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0], [100.0, 100.0, 116.0, 112.0]]),
+                "labels": torch.tensor([1, 2])}] * 2
+    a, b = exact(images, targets), smoothed.train()(images, targets)
+    torch.testing.assert_close(a["loss_cls"], b["loss_cls"])
+    torch.testing.assert_close(a["loss_ctr"], b["loss_ctr"])
+    assert b["loss_box"] < a["loss_box"] - 1e-3  # (I + 1) / (U + 1) >= I / U: the smoothed loss is smaller

@@ -90,7 +90,7 @@ def test_odd_input_cannot_be_halved(teacher: MSADTeacher) -> None:
 
 def test_fusion_weights_sum_to_one_and_mix_the_pair() -> None:
     torch.manual_seed(1)
-    teacher = MSADTeacher(**TINY, fusion_init="xavier").eval()  # the original's init: unequal weights at the start
+    teacher = MSADTeacher(**TINY, fusion_init="original").eval()  # the original's init: unequal weights at the start
     with torch.no_grad():
         features = teacher.fuse_aligned_levels(_images(256, 512))
     weights = features.fusion_weights
@@ -125,6 +125,23 @@ def test_fusion_module_matches_the_original_layout() -> None:
     fusion = CrossLevelFusion(channels=256, hidden=32)
     shapes = {key: tuple(value.shape) for key, value in fusion.state_dict().items()}
     assert shapes == {"fc.0.weight": (32, 512), "fc.2.weight": (2, 32)}
+
+
+def test_fusion_init_original_is_detectron2_c2_xavier_fill() -> None:
+    """Detectron2's c2_xavier_fill (the original SELayer's init) is kaiming_uniform_(a=1): U(+-sqrt(3 / fan_in)),
+    whatever fan_out is; xavier_uniform_ would draw from U(+-sqrt(6 / (fan_in + fan_out)))."""
+    torch.manual_seed(0)
+    original = CrossLevelFusion(channels=256, hidden=32, init="original")
+    for layer in (original.fc[0], original.fc[2]):
+        fan_out, fan_in = layer.weight.shape
+        bound = math.sqrt(3 / fan_in)
+        assert layer.weight.abs().max() <= bound < math.sqrt(6 / (fan_in + fan_out))
+        assert layer.weight.abs().max() > 0.8 * bound  # fills the range
+    assert abs(original.fc[0].weight.std().item() * math.sqrt(512) - 1) < 0.05  # U(+-b) has std b / sqrt(3)
+    zero = CrossLevelFusion(channels=256, hidden=32, init="zero")
+    assert not zero.fc[2].weight.any() and zero.fc[0].weight.abs().max() <= math.sqrt(3 / 512)
+    with pytest.raises(UserError, match="allowed: zero, original"):
+        CrossLevelFusion(channels=256, hidden=32, init="xavier")
 
 
 def test_teacher_head_on_stacked_branches_equals_separate_calls(teacher: MSADTeacher) -> None:
@@ -205,6 +222,32 @@ def test_distillation_loss_is_zero_on_equal_features_and_scales_with_temperature
     torch.testing.assert_close(aligned_distillation_loss(features, shifted, 3.0, "mse"), torch.tensor(5 * 0.36))
     with pytest.raises(UserError, match="unknown distillation loss"):
         aligned_distillation_loss(features, shifted, 3.0, "kl")
+
+
+def test_teacher_batch_stats_switch_uses_each_batchs_statistics_as_the_original() -> None:
+    """train.teacher_batch_stats: the original's teacher stays in train mode while distilling, so its BN normalises
+    with the batch's own mean and variance; ours by default uses its running statistics."""
+    torch.manual_seed(2)
+    teacher = MSADTeacher(**TINY)
+    for module in teacher.modules():  # running statistics unlike any batch's
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.fill_(0.5)
+            module.running_var.fill_(4.0)
+    images = _images()
+    frozen = run_frozen_teacher(teacher, images)
+    assert not teacher.training
+    batch = run_frozen_teacher(teacher, images, batch_statistics=True)
+    assert teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():  # the reference: BN layers that compute batch statistics themselves
+        stats_free = MSADTeacher(**TINY)
+        stats_free.load_state_dict(teacher.state_dict())
+        for module in stats_free.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.track_running_stats, module.running_mean, module.running_var = False, None, None
+        expected = stats_free.eval().fuse_aligned_levels(images).fused
+    for got, want, old in zip(batch, expected, frozen, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert (got - old).abs().max() > 1e-2
 
 
 def test_student_step_distils_without_touching_the_teacher(teacher: MSADTeacher, student: MSADStudent) -> None:

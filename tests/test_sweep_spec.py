@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from msad.config import config_from_dict
 from msad.errors import UserError
 from msad.sweep.spec import load_sweep
 
@@ -21,12 +22,18 @@ def write(tmp: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("name", ["quickstart", "paper", "kd_weights", "resolutions"])
 def test_shipped_sweeps_load(name: str) -> None:
-    sweep = load_sweep(REPO / "sweeps" / f"{name}.yaml")
+    overrides = ["model.pretrained=/weights/s_resnet50.pt"] if name == "paper" else []  # COCO: refused without
+    sweep = load_sweep(REPO / "sweeps" / f"{name}.yaml", overrides)
     names = [t.name for t in sweep.teachers + sweep.students]
     assert len(names) == len(set(names))
     assert all(t.role == "teacher" for t in sweep.teachers) and all(s.role == "student" for s in sweep.students)
     teacher_widths = {t.width for t in sweep.teachers}
     assert all(s.width in teacher_widths for s in sweep.students)
+
+
+def test_a_coco_sweep_without_imagenet_weights_is_refused_before_ray_starts() -> None:
+    with pytest.raises(UserError, match=r"paper.yaml: teachers: model.pretrained: a COCO run needs the ImageNet"):
+        load_sweep(REPO / "sweeps" / "paper.yaml")
 
 
 def test_quickstart_shows_kd_off_and_on() -> None:
@@ -109,3 +116,34 @@ def test_students_only_sweep_uses_given_teacher(tmp_path: Path) -> None:
                            f"  teacher_checkpoints: {{0.25: {teacher}}}\n")
     sweep = load_sweep(path)
     assert sweep.teachers == [] and sweep.students[0].config["train"]["teacher_checkpoint"] == str(teacher)
+
+
+# The original's schedules, read from dvlab-research/MSAD a65fc09 configs/SLR{100,075,050,025}-50-{T,S}.yaml:
+# (IMS_PER_BATCH, BASE_LR, MAX_ITER, STEPS); WARMUP_ITERS 500 in every file.
+ORIGINAL_SCHEDULES = {
+    ("teacher", 1.0): (8, 0.01, 180000, [120000, 160000]), ("teacher", 0.75): (8, 0.01, 180000, [120000, 160000]),
+    ("teacher", 0.5): (8, 0.01, 180000, [120000, 160000]), ("teacher", 0.25): (16, 0.01, 90000, [60000, 80000]),
+    ("student", 1.0): (16, 0.01, 90000, [60000, 80000]), ("student", 0.75): (32, 0.02, 45000, [30000, 40000]),
+    ("student", 0.5): (32, 0.01, 45000, [30000, 40000]), ("student", 0.25): (32, 0.02, 45000, [30000, 40000]),
+}
+
+
+def _schedule(cfg) -> tuple:
+    t = cfg.train
+    return (t.batch_per_worker * cfg.distributed.num_workers, t.base_lr, t.iterations, t.lr_steps)
+
+
+def test_paper_sweep_and_configs_use_the_originals_schedule_per_width() -> None:
+    from msad.config import load_config
+
+    sweep = load_sweep(REPO / "sweeps" / "paper.yaml", ["model.pretrained=/weights/s_resnet50.pt"])
+    trials = {(t.role, t.width): t.config for t in sweep.teachers + sweep.students}
+    assert set(trials) == set(ORIGINAL_SCHEDULES)
+    for (role, width), cfg in trials.items():
+        cfg = config_from_dict(cfg)
+        assert (_schedule(cfg), cfg.train.warmup_iters) == (ORIGINAL_SCHEDULES[role, width], 500), (role, width)
+    for (role, width), expected in ORIGINAL_SCHEDULES.items():
+        name = f"{role}_w{round(width * 100):03d}.yaml"
+        cfg = load_config(REPO / "configs" / "paper" / name)
+        assert (cfg.train.role, cfg.model.width) == (role, width), name
+        assert _schedule(cfg) == expected and cfg.train.warmup_iters == 500, name

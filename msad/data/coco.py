@@ -51,13 +51,15 @@ class CocoDetection(Dataset[Sample]):
     contiguous 0..C-1 in the order of the sorted category ids) and "image_id" (the COCO id, for evaluation).
     Crowd regions (iscrowd=1) are not targets. Boxes are clipped to the image; a box left with zero width or
     height is degenerate and dropped (one warning per dataset gives the count): it has no interior point for
-    FCOS to assign, and its IoU with anything is 0. Images without boxes stay (they teach what is background).
+    FCOS to assign, and its IoU with anything is 0. Images without boxes stay (they teach what is background),
+    unless `drop_images_without_boxes` (Detectron2's DATALOADER.FILTER_EMPTY_ANNOTATIONS, on in the original).
 
     Args:
         image_dir: folder that the images' "file_name" entries are relative to.
         annotation_file: COCO instances JSON.
         transform: called as transform(image, target) -> (image, target); the image it gets is a uint8
             [3, H, W] RGB tensor. None returns that tensor unchanged.
+        drop_images_without_boxes: leave out images with no box to learn (none, or only crowd or degenerate ones).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class CocoDetection(Dataset[Sample]):
         image_dir: str | Path,
         annotation_file: str | Path,
         transform: Callable[[Tensor, dict[str, Any]], Sample] | None = None,
+        drop_images_without_boxes: bool = False,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
@@ -89,6 +92,12 @@ class CocoDetection(Dataset[Sample]):
         self._boxes, self._labels, self._offsets, self.num_degenerate_boxes = self._index_annotations(
             data["annotations"]
         )
+        if drop_images_without_boxes:
+            counts = np.diff(self._offsets)
+            keep = counts > 0
+            self.image_ids = [i for i, k in zip(self.image_ids, keep, strict=True) if k]
+            self._file_names, self._sizes = self._file_names[keep], self._sizes[keep]
+            self._offsets = np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int64)  # boxes stay in order
         if self.num_degenerate_boxes:
             warnings.warn(
                 f"{self.annotation_file}: dropped {self.num_degenerate_boxes} degenerate boxes "
@@ -131,6 +140,10 @@ class CocoDetection(Dataset[Sample]):
         offsets = np.zeros(num_images + 1, dtype=np.int64)
         np.cumsum(np.bincount(owner[keep], minlength=num_images), out=offsets[1:])
         return boxes, labels[keep][order].astype(np.int64), offsets, num_degenerate
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """Per image, (height, width) from the JSON (no decoding)."""
+        return [(int(h), int(w)) for h, w in self._sizes]
 
     def landscape(self) -> list[bool]:
         """Per image, whether it is wider than tall (from the JSON, no decoding): samplers group batches by it."""

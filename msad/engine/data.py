@@ -4,7 +4,8 @@ Two properties the loop relies on:
 - the augmentation of image `i` in epoch `e` depends only on (seed, e, i), not on which worker or loader process
   reads it, so 1 worker x batch 2B and 2 workers x batch B see the same images, identically augmented;
 - the sampler can start in the middle of an epoch, so a resumed run continues the exact data order;
-- batches hold one image orientation, so padding to a multiple of 256 does not double the pixels.
+- batches hold one image orientation, so padding to a multiple of 256 does not double the pixels;
+- evaluation batches hold images of one padded size, so detections do not depend on batch-mates.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
+
+from msad.data.transforms import shortest_edge_size
 
 
 class EpochSeededDataset(Dataset):
@@ -101,3 +104,24 @@ def shard_indices(length: int, rank: int, world_size: int) -> list[int]:
     """Evaluation shard: every index exactly once over all ranks (DistributedSampler pads with repeats, which
     would count some detections twice in COCOeval)."""
     return list(range(rank, length, world_size))
+
+
+def same_padding_batches(sizes: Sequence[tuple[int, int]], indices: Sequence[int], batch_size: int, short_side: int,
+                         max_size: int, size_divisibility: int) -> list[list[int]]:
+    """Evaluation batches whose images all pad to the same size, so an image's detections never depend on its
+    batch-mates: padding enters the head's GroupNorm statistics and C-FF's global pooling, so a batch padded to a
+    larger neighbour would change them (the original evaluates one image per GPU for the same reason).
+
+    Args:
+        sizes: per dataset index, the (height, width) of the image file (from the annotations, no decoding).
+        indices: the dataset indices to batch (this rank's shard), in order.
+        batch_size: images per batch at most.
+        short_side, max_size: the evaluation resize (`data.test_short_side`, `data.max_size`).
+        size_divisibility: the padding multiple (`data.size_divisibility`).
+    """
+    step = max(int(size_divisibility), 1)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index in indices:
+        height, width, _ = shortest_edge_size(*sizes[index], short_side, max_size)
+        groups.setdefault((-(-height // step) * step, -(-width // step) * step), []).append(index)
+    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]

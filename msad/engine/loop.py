@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from msad.build import (
     DataPaths,
@@ -44,7 +44,7 @@ from msad.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from msad.engine.data import EpochSeededDataset, GroupedDistributedSampler, shard_indices
+from msad.engine.data import EpochSeededDataset, GroupedDistributedSampler, same_padding_batches, shard_indices
 from msad.engine.evaluate import coco_evaluate, to_coco_results
 from msad.models.student import (
     KDWarmup,
@@ -138,15 +138,17 @@ def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerC
              output_json: Path | None = None, branch: str = "fused") -> dict[str, float]:
     """COCO box AP of `model` on `dataset`; inference is split across workers and gathered on rank 0.
 
-    Every rank returns the same metrics (rank 0 broadcasts them).
+    Batches hold images of one padded size (`same_padding_batches`), so every image's detections are what it gets
+    alone, whatever the batch size. Every rank returns the same metrics (rank 0 broadcasts them).
     """
     module = unwrap(model)
     was_training = module.training
     module.eval()
-    landscape = dataset.landscape()  # one orientation per batch where possible: less padding
-    shard = Subset(dataset, sorted(shard_indices(len(dataset), ctx.rank, ctx.world_size), key=landscape.__getitem__))
-    loader = DataLoader(shard, batch_size=cfg.train.batch_per_worker, shuffle=False,
-                        num_workers=cfg.data.num_workers, collate_fn=Collate(cfg.data.size_divisibility))
+    d = cfg.data
+    batches = same_padding_batches(dataset.image_sizes(), shard_indices(len(dataset), ctx.rank, ctx.world_size),
+                                   cfg.train.batch_per_worker, d.test_short_side, d.max_size, d.size_divisibility)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=d.num_workers,
+                        collate_fn=Collate(d.size_divisibility))
     results: list[dict[str, Any]] = []
     with torch.inference_mode(), _autocast(cfg, ctx.device):
         for batch in loader:
@@ -202,7 +204,7 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext,
     checkpoint, checkpoint_path = _restore(ctx)
     if checkpoint is None and teacher is not None and t.init_from_teacher:
         init_from_teacher(model, teacher.state_dict(), teacher.width)
-    if ctx.device.type == "cuda" and ctx.world_size > 1:
+    if ctx.device.type == "cuda" and ctx.world_size > 1 and t.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # per-GPU batches are small; CPU/gloo keeps BN
     model = ctx.prepare_model(model)
     optimizer = build_optimizer(cfg, unwrap(model))
@@ -274,7 +276,8 @@ def _step(model: nn.Module, teacher: MSADTeacher | None, batch: Batch, kd_warmup
     with _autocast(cfg, ctx.device):
         if isinstance(unwrap(model), MSADStudent):
             use_teacher = teacher is not None and kd_warmup.weight > 0
-            teacher_features = run_frozen_teacher(teacher, batch.images) if use_teacher else None
+            teacher_features = (run_frozen_teacher(teacher, batch.images, cfg.train.teacher_batch_stats)
+                                if use_teacher else None)
             losses = model(batch.images, batch.targets, teacher_features=teacher_features,
                            kd_weight=kd_warmup.weight)
         else:

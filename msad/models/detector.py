@@ -155,8 +155,10 @@ class FCOSDetector(nn.Module):
         num_classes: int = 80,
         head_convs: int = 4,
         gn_groups: int = 32,
+        giou_plus_one: bool = False,
     ) -> None:
         super().__init__()
+        self.giou_plus_one = giou_plus_one  # the original's smoothed GIoU (fcos_losses)
         self.backbone, self.pyramid, self.head = build_fcos_parts(
             width, width_list, fpn_channels, num_classes, head_convs, gn_groups, HIGH_LEVELS
         )
@@ -176,7 +178,7 @@ class FCOSDetector(nn.Module):
             images: [B, 3, H, W] padded, normalised batch.
             targets: per image "boxes" [N, 4] xyxy in ``images`` pixels and "labels" [N].
         """
-        return fcos_losses(self.head_outputs(images), targets, STRIDES)
+        return fcos_losses(self.head_outputs(images), targets, STRIDES, self.giou_plus_one)
 
     @torch.no_grad()
     def predict(self, images: Tensor, image_sizes: list[tuple[int, int]], **postprocess_kwargs) -> list[dict]:

@@ -263,7 +263,23 @@ def _flatten_levels(maps: list[Tensor]) -> Tensor:
     return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, m.shape[1]) for m in maps], dim=1)
 
 
-def fcos_losses(outputs: HeadOutputs, targets: list[dict], strides: Sequence[int]) -> dict[str, Tensor]:
+def giou_loss_plus_one(pred_ltrb: Tensor, target_ltrb: Tensor) -> Tensor:
+    """The original's GIoU loss (AdelaiDet's IOULoss, type "giou"): 1 - (iou - (C - U) / C) with the IoU smoothed
+    as (I + 1) / (U + 1), on (l, t, r, b) distances in stride units. The +1 pulls the IoU of small boxes towards 1
+    (a box one stride wide gains up to 0.5), so their loss is weaker than the exact GIoU's."""
+    pred_area = (pred_ltrb[:, 0] + pred_ltrb[:, 2]) * (pred_ltrb[:, 1] + pred_ltrb[:, 3])
+    target_area = (target_ltrb[:, 0] + target_ltrb[:, 2]) * (target_ltrb[:, 1] + target_ltrb[:, 3])
+    inner = torch.minimum(pred_ltrb, target_ltrb)
+    outer = torch.maximum(pred_ltrb, target_ltrb)
+    intersection = (inner[:, 0] + inner[:, 2]) * (inner[:, 1] + inner[:, 3])
+    enclosing = (outer[:, 0] + outer[:, 2]) * (outer[:, 1] + outer[:, 3])
+    union = pred_area + target_area - intersection
+    iou = (intersection + 1.0) / (union + 1.0)
+    return 1.0 - (iou - (enclosing - union) / enclosing)
+
+
+def fcos_losses(outputs: HeadOutputs, targets: list[dict], strides: Sequence[int],
+                giou_plus_one: bool = False) -> dict[str, Tensor]:
     """FCOS training losses for one batch.
 
     loss_cls: sigmoid focal loss (alpha 0.25, gamma 2) summed over all locations and classes / positives.
@@ -277,6 +293,7 @@ def fcos_losses(outputs: HeadOutputs, targets: list[dict], strides: Sequence[int
         outputs: the head's predictions.
         targets: per image {"boxes": [N, 4] xyxy, "labels": [N]} in the coordinates the strides refer to.
         strides: per level stride at which `outputs` predict, in target-box coordinates.
+        giou_plus_one: the original's smoothed GIoU (`giou_loss_plus_one`) instead of the exact one.
     """
     sizes = [tuple(m.shape[-2:]) for m in outputs.cls_logits]
     locations = level_locations(sizes, strides, outputs.cls_logits[0].device, torch.float32)
@@ -298,7 +315,10 @@ def fcos_losses(outputs: HeadOutputs, targets: list[dict], strides: Sequence[int
     ctr_targets = centerness_targets(box_targets)
     pred_ltrb, target_ltrb = box_regression[positive], box_targets
     sign = pred_ltrb.new_tensor([-1.0, -1.0, 1.0, 1.0])
-    giou = generalized_box_iou_loss(pred_ltrb * sign, target_ltrb * sign, reduction="none")
+    if giou_plus_one:
+        giou = giou_loss_plus_one(pred_ltrb, target_ltrb)
+    else:
+        giou = generalized_box_iou_loss(pred_ltrb * sign, target_ltrb * sign, reduction="none")
     ctr_sum = _mean_over_workers(ctr_targets.sum()).clamp(min=1e-6)
     loss_ctr = F.binary_cross_entropy_with_logits(centerness[positive], ctr_targets, reduction="sum")
     # Anchor both terms to the full prediction maps: with no positives they are 0 yet keep every parameter

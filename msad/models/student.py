@@ -122,8 +122,10 @@ class MSADStudent(nn.Module):
         low_res_mode: str = "nearest",
         temperature: float = 3.0,
         kd_loss: str = "l1",
+        giou_plus_one: bool = False,
     ) -> None:
         super().__init__()
+        self.giou_plus_one = giou_plus_one  # the original's smoothed GIoU (fcos_losses)
         if temperature <= 0:
             raise UserError(f"distillation temperature must be > 0, got {temperature}")
         if kd_loss not in KD_LOSSES:
@@ -160,7 +162,7 @@ class MSADStudent(nn.Module):
             kd_weight: multiplies the distillation loss; pass ``KDWarmup.weight`` (alpha times the ramp).
         """
         features = self.low_features(images)
-        losses = fcos_losses(self.head(features), targets, STRIDES)
+        losses = fcos_losses(self.head(features), targets, STRIDES, self.giou_plus_one)
         if teacher_features is None:
             losses["loss_kd"] = features[0].new_zeros(())
         else:
@@ -220,7 +222,7 @@ def init_from_teacher(
     load_state_strictly(student, teacher_state_dict, "teacher state", ignore_prefixes=TEACHER_ONLY_PREFIXES)
 
 
-def run_frozen_teacher(teacher: MSADTeacher, images: Tensor) -> list[Tensor]:
+def run_frozen_teacher(teacher: MSADTeacher, images: Tensor, batch_statistics: bool = False) -> list[Tensor]:
     """The teacher's fused levels for distillation, with the teacher frozen.
 
     Puts the teacher in eval mode (its BN statistics never move; call every step, since a loop's ``train()`` on a
@@ -231,8 +233,11 @@ def run_frozen_teacher(teacher: MSADTeacher, images: Tensor) -> list[Tensor]:
     Args:
         teacher: the trained teacher (kept outside DDP).
         images: the H batch, the same tensor the student gets.
+        batch_statistics: the original's behaviour (`train.teacher_batch_stats`): the teacher stays in train mode,
+            so its BN normalises with each batch's statistics (and its running statistics drift); its weights
+            still never change.
     """
-    teacher.eval()
+    teacher.train(batch_statistics)
     teacher.requires_grad_(False)
     with torch.inference_mode():
         fused = teacher.fuse_aligned_levels(images).fused

@@ -50,27 +50,29 @@ class CrossLevelFusion(nn.Module):
     random last layer maps them to logit gaps of several units: as the features move during training, that fixed
     projection saturates the softmax on one branch before the loss has taught the fc anything (then a * b ~ 0 and
     no gradient comes back; measured in benchmarks/RESULTS.md). ``init="zero"`` starts the last layer at zero:
-    (0.5, 0.5) everywhere, and every change to the weights comes from the loss. ``init="xavier"`` is the original's.
+    (0.5, 0.5) everywhere, and every change to the weights comes from the loss. ``init="original"`` is the original's:
+    Detectron2's ``c2_xavier_fill`` on both layers, i.e. ``kaiming_uniform_(a=1)``, U(+-sqrt(3 / fan_in)) (not
+    ``xavier_uniform_``, whose weights are larger when fan_out < fan_in).
 
     Args:
         channels: C, the channels of each feature map (the fc input is 2C).
         hidden: width of the bottleneck layer (32 in the paper).
-        init: "zero" (last layer zero, first Xavier) or "xavier" (both Xavier, as the original).
+        init: "zero" (last layer zero, first as the original) or "original" (both as the original).
     """
 
     def __init__(self, channels: int, hidden: int = 32, init: str = "zero") -> None:
         super().__init__()
-        if init not in ("zero", "xavier"):
-            raise UserError(f"model.fusion_init: invalid value {init!r}; allowed: zero, xavier")
+        if init not in ("zero", "original"):
+            raise UserError(f"model.fusion_init: invalid value {init!r}; allowed: zero, original")
         # Named like the original's `SE.fc` (Linear, ReLU, Linear without biases) so weights map 1:1.
         self.fc = nn.Sequential(
             nn.Linear(2 * channels, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, 2, bias=False)
         )
-        nn.init.xavier_uniform_(self.fc[0].weight)
+        nn.init.kaiming_uniform_(self.fc[0].weight, a=1)  # c2_xavier_fill, as the original's SELayer
         if init == "zero":
             nn.init.zeros_(self.fc[2].weight)
         else:
-            nn.init.xavier_uniform_(self.fc[2].weight)
+            nn.init.kaiming_uniform_(self.fc[2].weight, a=1)
 
     def level_weights(self, high: Sequence[Tensor], low: Sequence[Tensor]) -> Tensor:
         """The (a, b) weights of every image and level: [B, num_levels, 2], each row summing to 1."""
@@ -128,7 +130,7 @@ class MSADTeacher(nn.Module):
         joint_weight: weight of the fused branch's losses (0.4 in the paper).
         low_res_mode: how L is made from H ("nearest" as the original, or "antialias"); the student must match.
         fusion_hidden: bottleneck width of C-FF.
-        fusion_init: C-FF's initialisation, "zero" or "xavier" (see ``CrossLevelFusion``).
+        fusion_init: C-FF's initialisation, "zero" or "original" (see ``CrossLevelFusion``).
     """
 
     def __init__(
@@ -144,8 +146,10 @@ class MSADTeacher(nn.Module):
         low_res_mode: str = "nearest",
         fusion_hidden: int = 32,
         fusion_init: str = "zero",
+        giou_plus_one: bool = False,
     ) -> None:
         super().__init__()
+        self.giou_plus_one = giou_plus_one  # the original's smoothed GIoU (fcos_losses)
         levels = sorted(set(HIGH_LEVELS) | set(LOW_LEVELS)) if fusion else HIGH_LEVELS
         self.backbone, self.pyramid, self.head = build_fcos_parts(
             width, width_list, fpn_channels, num_classes, head_convs, gn_groups, levels
@@ -201,14 +205,14 @@ class MSADTeacher(nn.Module):
         """
         features = self.fuse_aligned_levels(images)
         if self.fusion is None:
-            high_losses = fcos_losses(self.head(features.high), targets, STRIDES)
+            high_losses = fcos_losses(self.head(features.high), targets, STRIDES, self.giou_plus_one)
             return {f"{name}_high": value for name, value in high_losses.items()}
         self._latest_high_weights = features.fusion_weights[..., 0].detach().mean(0)
         outputs = self._head_per_branch([features.high, features.low, features.fused])
         losses: dict[str, Tensor] = {}
         for branch, branch_outputs in zip(BRANCHES, outputs, strict=True):
             weight = self.joint_weight if branch == "fused" else 1.0
-            for name, value in fcos_losses(branch_outputs, targets, STRIDES).items():
+            for name, value in fcos_losses(branch_outputs, targets, STRIDES, self.giou_plus_one).items():
                 losses[f"{name}_{branch}"] = value * weight
         return losses
 

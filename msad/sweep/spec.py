@@ -18,6 +18,7 @@ from msad.config import (
     absolute_config,
     absolute_location,
     build_typed,
+    check_initialisation,
     config_from_dict,
     deep_merge,
     load_yaml_with_bases,
@@ -154,7 +155,9 @@ def _trial_config(base: dict[str, Any], stage: StageSpec, point: dict[str, Any],
     data = deep_merge(data, parse_overrides([f"{k}={_yaml_scalar(v)}" for k, v in point.items()]))
     data = deep_merge(data, {"train": {"role": role}})
     try:
-        return absolute_config(config_from_dict(data))
+        cfg = absolute_config(config_from_dict(data))
+        check_initialisation(cfg)  # before Ray starts, not in the trial
+        return cfg
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
 
