@@ -3,7 +3,8 @@
 `tests/data/original_golden_w025.pt` was made by `tests/data/make_original_golden.py`, which runs the original MSAD
 (dvlab-research/MSAD a65fc09 on Detectron2 be792b95, CPU) on random weights in the original's format and records,
 per image, what its TFCOS (teacher) and SFCOS (student) compute: pyramid features of H (P3..P7) and L (P2..P6),
-the C-FF weights, the head's outputs per branch, and the final detections. Here that checkpoint is written out as
+the C-FF weights, the head's outputs per branch and the final detections; and one training forward's losses of
+each (every branch's FCOS terms, and the distillation term), with ground truth on both images. Here that checkpoint is written out as
 the original's `.pth`, converted with `launch.py convert`, and msad's models are run on the same pixels, fed the way
 msad feeds every image (RGB, 0-1, ImageNet mean/std, zero-padded to 256): nothing of msad's is used to make the
 expected values.
@@ -12,7 +13,9 @@ Tolerances: features and head outputs agree to 1e-4 relative to each map's scale
 other orders through 50 layers; a wrong channel order or scale gives errors of order 1), C-FF weights to 1e-4;
 detections must be the
 same set: equal count and classes, scores and boxes within 1e-4 relative (boxes are regressions times strides up to
-128, so the head's 1e-5 becomes ~1e-3 pixels; a decoding difference is a pixel or more).
+128, so the head's 1e-5 becomes ~1e-3 pixels; a decoding difference is a pixel or more); losses within 1e-4
+relative, with the original's training behaviours switched on (`train.giou_plus_one`, `train.teacher_batch_stats`;
+with either off, the box losses or the distillation term fail).
 """
 
 from __future__ import annotations
@@ -52,8 +55,10 @@ def original_file(golden: dict, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def converted_model(original: Path, role: str, tmp: Path) -> torch.nn.Module:
     """`launch.py convert` (its library call) on the original file, then the model as `eval` loads it."""
+    # the original's training behaviours (README, "Departures from the original"): its losses are compared below
     cfg = load_config(REPO / "configs" / "cpu_base.yaml", ["model.width_list=[0.25]", "model.fusion_hidden=8",
-                                                         f"train.role={role}"])
+                                                         f"train.role={role}", "train.giou_plus_one=true",
+                                                         "train.teacher_batch_stats=true"])
     if role == "teacher":  # a teacher file: the original's teacher keys only, as its teacher training saves them
         data = torch.load(original, weights_only=True)
         teacher_only = tmp / "teacher_final.pth"
@@ -66,10 +71,11 @@ def converted_model(original: Path, role: str, tmp: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def msad_input(image_bgr: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def msad_input(*images_bgr: torch.Tensor, targets: list[dict] | None = None):
     """msad's input for the pixels the original read: RGB, scaled to 0-1, ImageNet-normalised, padded to 256."""
-    rgb = F.normalize(F.to_dtype(image_bgr.flip(0), torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
-    batch = collate([(rgb, {})], size_divisibility=256)
+    rgb = [F.normalize(F.to_dtype(image.flip(0), torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+           for image in images_bgr]
+    batch = collate(list(zip(rgb, targets or [{}] * len(rgb), strict=True)), size_divisibility=256)
     return batch.images, batch.image_sizes
 
 
@@ -104,6 +110,7 @@ def student(original_file: Path, tmp_path_factory: pytest.TempPathFactory) -> to
 def test_converted_teacher_matches_the_original_level_by_level(golden: dict, teacher, index: int) -> None:
     reference = golden["teacher"][index]
     images, sizes = msad_input(golden["images_bgr"][index])
+    teacher.eval()
     with torch.no_grad():
         features = teacher.fuse_aligned_levels(images)
         assert_maps_close(features.high, reference["high"], f"H pyramid {HIGH_LEVELS}")
@@ -121,6 +128,7 @@ def test_converted_teacher_matches_the_original_level_by_level(golden: dict, tea
 def test_converted_student_matches_the_original_level_by_level(golden: dict, student, index: int) -> None:
     reference = golden["student"][index]
     images, sizes = msad_input(golden["images_bgr"][index])
+    student.eval()
     with torch.no_grad():
         assert_maps_close(student.low_features(images), reference["low"], f"student L pyramid {LOW_LEVELS}")
         heads = student.head_outputs(images)
@@ -128,3 +136,51 @@ def test_converted_student_matches_the_original_level_by_level(golden: dict, stu
             assert_maps_close(getattr(heads, field), reference["heads"]["student"][field], f"student {field}")
         (detections,) = student.predict(images, sizes)
     assert_same_detections(detections, reference["detections"], "student")
+
+
+TEACHER_LOSSES = {"loss_cls_high": "loss_fcos_cls_hr", "loss_box_high": "loss_fcos_loc_hr",
+                  "loss_ctr_high": "loss_fcos_ctr_hr", "loss_cls_low": "loss_fcos_cls_lr",
+                  "loss_box_low": "loss_fcos_loc_lr", "loss_ctr_low": "loss_fcos_ctr_lr",
+                  "loss_cls_fused": "loss_fcos_cls_fr", "loss_box_fused": "loss_fcos_loc_fr",
+                  "loss_ctr_fused": "loss_fcos_ctr_fr"}
+STUDENT_LOSSES = {"loss_cls": "loss_fcos_cls_st", "loss_box": "loss_fcos_loc_st", "loss_ctr": "loss_fcos_ctr_st",
+                  "loss_kd": "loss_kd"}
+
+
+def _restoring_state(model: torch.nn.Module):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return lambda: model.load_state_dict(state)
+
+
+def test_converted_teacher_training_losses_match_the_original(golden: dict, teacher) -> None:
+    """One training forward on both images (BN with batch statistics, targets assigned with the original's sizes
+    of interest and centre sampling, the original's GIoU): every branch's loss, the fused ones x 0.4."""
+    images, _ = msad_input(*golden["images_bgr"], targets=golden["gt"])
+    restore = _restoring_state(teacher)
+    teacher.train()
+    with torch.no_grad():
+        losses = teacher(images, golden["gt"])
+    restore()
+    assert set(losses) == set(TEACHER_LOSSES)
+    for ours, theirs in TEACHER_LOSSES.items():
+        torch.testing.assert_close(losses[ours], golden["teacher_losses"][theirs], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, ours=ours: f"{ours}: {m}")
+
+
+def test_converted_student_training_losses_match_the_original(golden: dict, teacher, student) -> None:
+    """The student's own losses and the distillation term against the original's frozen teacher, which the
+    original leaves in train mode (train.teacher_batch_stats: true): KD alpha 0.2, T 3, its ramp finished."""
+    from msad.models.student import run_frozen_teacher
+
+    images, _ = msad_input(*golden["images_bgr"], targets=golden["gt"])
+    restore_teacher, restore_student = _restoring_state(teacher), _restoring_state(student)
+    student.train()
+    with torch.no_grad():
+        teacher_features = run_frozen_teacher(teacher, images, batch_statistics=True)
+        losses = student(images, golden["gt"], teacher_features, kd_weight=0.2)
+    restore_teacher(), restore_student()
+    teacher.eval(), student.eval()
+    assert set(losses) == set(STUDENT_LOSSES)
+    for ours, theirs in STUDENT_LOSSES.items():
+        torch.testing.assert_close(losses[ours], golden["student_losses"][theirs], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, ours=ours: f"{ours}: {m}")

@@ -161,6 +161,40 @@ def images(generator) -> list:
     return out
 
 
+GT_BOXES = (  # per image: (x1, y1, x2, y2) in pixels, class; sizes spread over P3 (<= 64) and P4 (64..128)
+    ([[8.0, 10.0, 40.0, 30.0], [50.0, 20.0, 120.0, 90.0], [70.0, 60.0, 86.0, 72.0]], [0, 3, 5]),
+    ([[5.0, 5.0, 75.0, 100.0], [20.0, 30.0, 44.0, 50.0]], [2, 1]),
+)
+
+
+def train_batch(inputs) -> list:
+    """The images with ground truth, as the original's DatasetMapper hands them to the model in training."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    batch = []
+    for image, (boxes, classes) in zip(inputs, GT_BOXES, strict=True):
+        instances = Instances(tuple(image.shape[1:]))
+        instances.gt_boxes = Boxes(torch.tensor(boxes))
+        instances.gt_classes = torch.tensor(classes, dtype=torch.int64)
+        batch.append({"image": image, "instances": instances})
+    return batch
+
+
+def training_losses(model, batch) -> dict:
+    """One training forward of the original on both images (train mode: BN uses the batch's statistics, as the
+    original trains); the model's state is restored afterwards, so BN's running statistics do not move."""
+    import torch
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    with torch.no_grad():
+        losses = {k: v.detach().clone() for k, v in model(batch).items()}
+    model.load_state_dict(state)
+    model.eval()
+    return losses
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--msad", type=Path, required=True)
@@ -211,19 +245,28 @@ def main() -> None:
                                       "centerness": head_s[2]}},
                 "detections": s_det,
             })
+    batch = train_batch(inputs)
+    teacher_losses = training_losses(teacher, batch)
+    student.count = 500  # the original's KD ramp (count / 500) finished: the KD term at full weight
+    student_losses = training_losses(student, batch)
     torch.save({
         "checkpoint_int8": {k: values for k, (values, _) in stored.items()},  # the original's keys
         "checkpoint_scales": {k: scale for k, (_, scale) in stored.items() if scale is not None},
         "images_bgr": inputs,
         "teacher": teacher_out,
         "student": student_out,
+        "gt": [{"boxes": torch.tensor(boxes), "labels": torch.tensor(classes)} for boxes, classes in GT_BOXES],
+        "teacher_losses": teacher_losses,  # loss_fcos_{cls,loc,ctr}_{hr,lr,fr}, the fr terms x JOINT_WEIGHT 0.4
+        "student_losses": student_losses,  # loss_fcos_{cls,loc,ctr}_st and loss_kd (alpha 0.2, T 3, ramp done)
         "settings": {"width": 0.25, "fpn_channels": 64, "fusion_hidden": 8, "num_classes": 6, "gn_groups": 32,
                      "size_divisibility": 256, "score_threshold": 0.05, "pre_nms_topk": 1000, "nms_threshold": 0.6,
                      "detections_per_image": 100, "made_with": "dvlab-research/MSAD a65fc09, detectron2 be792b95"},
     }, args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB): "
           f"teacher detections {[len(t['detections']['scores']) for t in teacher_out]}, "
-          f"student detections {[len(s['detections']['scores']) for s in student_out]}")
+          f"student detections {[len(s['detections']['scores']) for s in student_out]}; "
+          f"teacher losses {({k: round(v.item(), 4) for k, v in teacher_losses.items()})}; "
+          f"student losses {({k: round(v.item(), 4) for k, v in student_losses.items()})}")
 
 
 if __name__ == "__main__":
