@@ -55,13 +55,14 @@ def resolve_data_paths(data: DataConfig) -> DataPaths:
 def build_train_dataset(cfg: Config, paths: DataPaths) -> CocoDetection:
     d = cfg.data
     return CocoDetection(paths.train_images, paths.train_annotations,
-                         train_transform(d.train_short_sides, d.max_size, d.hflip_prob),
+                         train_transform(d.train_short_sides, d.max_size, d.hflip_prob, d.input_format),
                          drop_images_without_boxes=d.drop_train_images_without_boxes)
 
 
 def build_val_dataset(cfg: Config, paths: DataPaths) -> CocoDetection:
-    return CocoDetection(paths.val_images, paths.val_annotations, eval_transform(cfg.data.test_short_side,
-                                                                                 cfg.data.max_size))
+    d = cfg.data
+    return CocoDetection(paths.val_images, paths.val_annotations,
+                         eval_transform(d.test_short_side, d.max_size, d.input_format))
 
 
 def check_num_classes(cfg: Config, dataset: CocoDetection) -> None:

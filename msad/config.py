@@ -98,6 +98,9 @@ class DataConfig:
     low_res_mode: Literal["nearest", "antialias"] = "nearest"  # nearest = the original; antialias ~ a real camera
     size_divisibility: int = 256  # pad H to a multiple of this (256 keeps L's pyramid aligned with H's)
     hflip_prob: float = 0.5
+    # the model's input space: "rgb_imagenet" = RGB in 0-1 with ImageNet mean/std (what the ImageNet weights were
+    # trained on); "bgr_255" = BGR in 0-255 minus Detectron2's mean, std 1, as the original feeds its models
+    input_format: Literal["rgb_imagenet", "bgr_255"] = "rgb_imagenet"
     # training images with no box to learn: kept as background examples; true = dropped, as the original
     # (Detectron2's DATALOADER.FILTER_EMPTY_ANNOTATIONS); evaluation always keeps every image
     drop_train_images_without_boxes: bool = False

@@ -181,10 +181,11 @@ def test_original_yaml_turns_on_every_original_behaviour_the_departures_table_na
     table = readme.split("## Departures from the original", 1)[1].split("\n\n")[2]
     switches = {key for key in re.findall(r"`([a-z_]+\.[a-z_]+): ", table)}
     assert switches == {"model.fusion_init", "train.giou_plus_one", "train.teacher_batch_stats",
-                        "data.drop_train_images_without_boxes", "train.sync_bn"}
+                        "data.drop_train_images_without_boxes", "data.input_format", "train.sync_bn"}
     original, default = load_config(REPO / "configs" / "paper" / "original.yaml").to_dict(), Config().to_dict()
     for key in switches - {"train.sync_bn"}:  # sync_bn: the original's newest configs use SyncBN, as msad
         section, name = key.split(".")
         assert original[section][name] != default[section][name], key
     assert original["model"]["fusion_init"] == "original" and original["data"]["drop_train_images_without_boxes"]
     assert original["train"]["giou_plus_one"] and original["train"]["teacher_batch_stats"]
+    assert original["data"]["input_format"] == "bgr_255"

@@ -4,16 +4,17 @@
 (dvlab-research/MSAD a65fc09 on Detectron2 be792b95, CPU) on random weights in the original's format and records,
 per image, what its TFCOS (teacher) and SFCOS (student) compute: pyramid features of H (P3..P7) and L (P2..P6),
 the C-FF weights, the head's outputs per branch and the final detections; and one training forward's losses of
-each (every branch's FCOS terms, and the distillation term), with ground truth on both images. Here that checkpoint is written out as
-the original's `.pth`, converted with `launch.py convert`, and msad's models are run on the same pixels, fed the way
-msad feeds every image (RGB, 0-1, ImageNet mean/std, zero-padded to 256): nothing of msad's is used to make the
-expected values.
+each (every branch's FCOS terms, and the distillation term), with ground truth on both images. Here that
+checkpoint is written out as the original's `.pth`, converted with `launch.py convert`, and msad's models are run
+on the same pixels, fed the way msad feeds every image (RGB, 0-1, ImageNet mean/std, zero-padded to 256): nothing
+of msad's is used to make the expected values. With `data.input_format: bgr_255` (the original's own input
+space) the stem is kept as it is and fed BGR 0-255.
 
 Tolerances: features and head outputs agree to 1e-4 relative to each map's scale (float32 convolutions summed in
 other orders through 50 layers; a wrong channel order or scale gives errors of order 1), C-FF weights to 1e-4;
-detections must be the
-same set: equal count and classes, scores and boxes within 1e-4 relative (boxes are regressions times strides up to
-128, so the head's 1e-5 becomes ~1e-3 pixels; a decoding difference is a pixel or more); losses within 1e-4
+detections must be the same set: equal count and classes, scores and boxes within 1e-4 relative (boxes are
+regressions times strides up to 128, so the head's 1e-5 becomes ~1e-3 pixels; a decoding difference is a pixel or
+more); losses within 1e-4
 relative, with the original's training behaviours switched on (`train.giou_plus_one`, `train.teacher_batch_stats`;
 with either off, the box losses or the distillation term fail).
 """
@@ -24,11 +25,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision.transforms.v2.functional as F
 
 from msad.build import build_model
 from msad.config import config_from_dict, load_config
-from msad.data.transforms import IMAGENET_MEAN, IMAGENET_STD, collate
+from msad.data.transforms import IMAGENET_MEAN, IMAGENET_STD, collate, normalise
 from msad.engine.checkpoint import import_original_checkpoint, load_checkpoint
 from msad.models.detector import load_state_strictly
 from msad.models.teacher import HIGH_LEVELS, LOW_LEVELS
@@ -53,12 +53,12 @@ def original_file(golden: dict, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return path
 
 
-def converted_model(original: Path, role: str, tmp: Path) -> torch.nn.Module:
+def converted_model(original: Path, role: str, tmp: Path, *overrides: str) -> torch.nn.Module:
     """`launch.py convert` (its library call) on the original file, then the model as `eval` loads it."""
     # the original's training behaviours (README, "Departures from the original"): its losses are compared below
     cfg = load_config(REPO / "configs" / "cpu_base.yaml", ["model.width_list=[0.25]", "model.fusion_hidden=8",
                                                          f"train.role={role}", "train.giou_plus_one=true",
-                                                         "train.teacher_batch_stats=true"])
+                                                         "train.teacher_batch_stats=true", *overrides])
     if role == "teacher":  # a teacher file: the original's teacher keys only, as its teacher training saves them
         data = torch.load(original, weights_only=True)
         teacher_only = tmp / "teacher_final.pth"
@@ -71,11 +71,14 @@ def converted_model(original: Path, role: str, tmp: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def msad_input(*images_bgr: torch.Tensor, targets: list[dict] | None = None):
-    """msad's input for the pixels the original read: RGB, scaled to 0-1, ImageNet-normalised, padded to 256."""
-    rgb = [F.normalize(F.to_dtype(image.flip(0), torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
-           for image in images_bgr]
-    batch = collate(list(zip(rgb, targets or [{}] * len(rgb), strict=True)), size_divisibility=256)
+def msad_input(*images_bgr: torch.Tensor, targets: list[dict] | None = None, input_format: str = "rgb_imagenet"):
+    """msad's input for the pixels the original read (by default RGB, 0-1, ImageNet mean/std), padded to 256."""
+    if input_format == "rgb_imagenet":  # written out here from its definition, not with msad's `normalise`
+        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        inputs = [(image.flip(0).float() / 255 - mean) / std for image in images_bgr]
+    else:
+        inputs = [normalise(image.flip(0), input_format) for image in images_bgr]  # msad's, checked below
+    batch = collate(list(zip(inputs, targets or [{}] * len(inputs), strict=True)), size_divisibility=256)
     return batch.images, batch.image_sizes
 
 
@@ -184,3 +187,22 @@ def test_converted_student_training_losses_match_the_original(golden: dict, teac
     for ours, theirs in STUDENT_LOSSES.items():
         torch.testing.assert_close(losses[ours], golden["student_losses"][theirs], rtol=1e-4, atol=1e-6,
                                    msg=lambda m, ours=ours: f"{ours}: {m}")
+
+
+def test_bgr_255_input_keeps_the_stem_and_reads_what_the_original_reads(golden: dict, original_file: Path,
+                                                                         tmp_path: Path) -> None:
+    """data.input_format: bgr_255 is the original's input space: `convert` keeps the stem as it is, msad's
+    `normalise` gives BGR 0-255 minus Detectron2's mean, and the converted teacher gives the original's outputs."""
+    image = golden["images_bgr"][0]
+    mean = torch.tensor([103.530, 116.280, 123.675]).view(3, 1, 1)
+    torch.testing.assert_close(normalise(image.flip(0), "bgr_255"), image.float() - mean)
+    teacher = converted_model(original_file, "teacher", tmp_path, "data.input_format=bgr_255")
+    stem = golden["checkpoint_int8"]["T_backbone.bottom_up.features.0.0.weight"].float()
+    stem = stem * golden["checkpoint_scales"]["T_backbone.bottom_up.features.0.0.weight"]
+    assert torch.equal(teacher.state_dict()["backbone.features.0.0.weight"], stem)
+    images, sizes = msad_input(image, input_format="bgr_255")
+    with torch.no_grad():
+        features = teacher.fuse_aligned_levels(images)
+        assert_maps_close(features.high, golden["teacher"][0]["high"], "H pyramid, bgr_255")
+        (detections,) = teacher.predict(images, sizes)
+    assert_same_detections(detections, golden["teacher"][0]["detections"], "teacher, bgr_255")

@@ -2,8 +2,8 @@
 
 A sample is `(image, target)`: the image a PIL image or a uint8 CHW tensor, the target a dict with "boxes"
 (Tensor[N, 4], absolute xyxy pixels of the original image), "labels" (Tensor[N] int64) and "image_id". The
-transforms return a float CHW image, ImageNet-normalised, with the boxes moved along, plus the two numbers
-evaluation needs to map detections back to the original image: "scale" and "orig_size".
+transforms return a float CHW image in the model's input space (`normalise`), with the boxes moved along, plus the
+two numbers evaluation needs to map detections back to the original image: "scale" and "orig_size".
 """
 
 from __future__ import annotations
@@ -21,6 +21,25 @@ from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Detectron2's defaults, which the original MSAD keeps: BGR order, 0-255 scale, std 1
+DETECTRON2_PIXEL_MEAN = (103.530, 116.280, 123.675)
+DETECTRON2_PIXEL_STD = (1.0, 1.0, 1.0)
+INPUT_FORMATS = ("rgb_imagenet", "bgr_255")
+
+
+def normalise(image: Tensor, input_format: str = "rgb_imagenet") -> Tensor:
+    """A uint8 RGB CHW image in the model's input space.
+
+    Args:
+        image: uint8 [3, H, W], RGB.
+        input_format: "rgb_imagenet" (RGB in 0-1, ImageNet mean and std: what the ImageNet weights were trained
+            on) or "bgr_255" (BGR in 0-255 minus Detectron2's mean, std 1: what the original MSAD feeds).
+    """
+    if input_format == "rgb_imagenet":
+        return F.normalize(F.to_dtype(image, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+    if input_format == "bgr_255":
+        return F.normalize(image.flip(-3).to(torch.float32), DETECTRON2_PIXEL_MEAN, DETECTRON2_PIXEL_STD)
+    raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
 
 
 def shortest_edge_size(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int, float]:
@@ -57,7 +76,8 @@ class DetectionTransform:
         flip_prob: probability of a horizontal flip (0 for evaluation).
     """
 
-    def __init__(self, short_sides: Sequence[int], max_size: int, flip_prob: float = 0.0) -> None:
+    def __init__(self, short_sides: Sequence[int], max_size: int, flip_prob: float = 0.0,
+                 input_format: str = "rgb_imagenet") -> None:
         if not short_sides:
             raise ValueError("short_sides must name at least one size")
         if not 0.0 <= flip_prob <= 1.0:
@@ -65,6 +85,9 @@ class DetectionTransform:
         self.short_sides = tuple(int(s) for s in short_sides)
         self.max_size = int(max_size)
         self.flip_prob = float(flip_prob)
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
+        self.input_format = input_format
 
     def __call__(self, image: Image.Image | Tensor, target: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         image = F.to_image(image)
@@ -82,7 +105,7 @@ class DetectionTransform:
         if self.flip_prob > 0.0 and float(torch.rand(())) < self.flip_prob:
             image = F.horizontal_flip(image)
             boxes = F.horizontal_flip(boxes)
-        image = F.normalize(F.to_dtype(image, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+        image = normalise(image, self.input_format)
         target = {
             **target,
             "boxes": boxes.as_subclass(Tensor).to(torch.float32),
@@ -92,14 +115,15 @@ class DetectionTransform:
         return image.as_subclass(Tensor), target
 
 
-def train_transform(short_sides: Sequence[int], max_size: int, flip_prob: float = 0.5) -> DetectionTransform:
+def train_transform(short_sides: Sequence[int], max_size: int, flip_prob: float = 0.5,
+                    input_format: str = "rgb_imagenet") -> DetectionTransform:
     """Multi-scale training transform (the original samples the short side from 640..800 step 32, max 1333)."""
-    return DetectionTransform(short_sides, max_size, flip_prob)
+    return DetectionTransform(short_sides, max_size, flip_prob, input_format)
 
 
-def eval_transform(short_side: int, max_size: int) -> DetectionTransform:
+def eval_transform(short_side: int, max_size: int, input_format: str = "rgb_imagenet") -> DetectionTransform:
     """Deterministic evaluation transform: one short side, no flip."""
-    return DetectionTransform((short_side,), max_size, flip_prob=0.0)
+    return DetectionTransform((short_side,), max_size, flip_prob=0.0, input_format=input_format)
 
 
 def to_low_resolution(images: Tensor, mode: str = "nearest") -> Tensor:

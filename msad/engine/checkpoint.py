@@ -146,7 +146,7 @@ def import_original_checkpoint(original: str | Path, cfg: Config, output: str | 
     output = Path(output)
     if output.exists():
         raise UserError(f"{output}: already exists; choose another --output (nothing was overwritten)")
-    converted = load_original(original)
+    converted = load_original(original, fold_input=cfg.data.input_format == "rgb_imagenet")
     weights = converted.student if converted.role == "student" else converted.teacher
     width = infer_width(weights)
     if width != cfg.model.width:

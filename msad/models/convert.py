@@ -26,12 +26,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from msad.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from msad.data.transforms import DETECTRON2_PIXEL_MEAN, DETECTRON2_PIXEL_STD, IMAGENET_MEAN, IMAGENET_STD
 from msad.errors import UserError
 
-# Detectron2's defaults (BGR order, 0-255 scale), which the original's configs keep; see the module docstring.
-DETECTRON2_PIXEL_MEAN = (103.530, 116.280, 123.675)
-DETECTRON2_PIXEL_STD = (1.0, 1.0, 1.0)
 _PIXEL_STATS = {"pixel_mean": DETECTRON2_PIXEL_MEAN, "pixel_std": DETECTRON2_PIXEL_STD}
 STEM_WEIGHT = "backbone.features.0.0.weight"
 
@@ -96,12 +93,15 @@ def fold_input_normalisation(stem_weight: Tensor) -> Tensor:
     return stem_weight.flip(1) * scale.view(1, 3, 1, 1)
 
 
-def convert_original(state_dict: Mapping[str, object], source: str = "original checkpoint") -> ConvertedCheckpoint:
+def convert_original(state_dict: Mapping[str, object], source: str = "original checkpoint",
+                     fold_input: bool = True) -> ConvertedCheckpoint:
     """Rename an original MSAD state dict to our teacher / student state dicts.
 
     Args:
         state_dict: the ``"model"`` entry of an original checkpoint (tensors keyed ``T_*``, ``S_*``, ``SE.*``).
         source: what it came from (a path), for error messages.
+        fold_input: fold Detectron2's input normalisation into the stem, for msad's default input
+            (`data.input_format: rgb_imagenet`); False keeps the stem for `bgr_255`, the original's own input.
 
     Raises:
         UserError: a value is not a tensor, a key matches no rule (naming the first), an expected part is missing,
@@ -128,7 +128,7 @@ def convert_original(state_dict: Mapping[str, object], source: str = "original c
             raise UserError(f"{source}: the {name} keys cover only {sorted(prefixes)}; backbone, FPN and head needed")
     if not teacher and not student:
         raise UserError(f"{source} holds no MSAD weights (no T_backbone / S_backbone keys)")
-    for part in (teacher, student):
+    for part in (teacher, student) if fold_input else ():
         if STEM_WEIGHT in part:
             part[STEM_WEIGHT] = fold_input_normalisation(part[STEM_WEIGHT])
     return ConvertedCheckpoint(
@@ -145,11 +145,12 @@ def infer_width(converted_state: Mapping[str, Tensor]) -> float:
     return converted_state["pyramid.lateral.5.weight"].shape[1] / 2048
 
 
-def load_original(path: str | Path) -> ConvertedCheckpoint:
+def load_original(path: str | Path, fold_input: bool = True) -> ConvertedCheckpoint:
     """Read an original ``.pth`` file with ``torch.load(weights_only=True)`` and convert it.
 
     Args:
         path: a Detectron2 checkpoint of the original project (``{"model": state_dict, ...}``).
+        fold_input: see ``convert_original``.
     """
     path = Path(path)
     try:
@@ -171,4 +172,4 @@ def load_original(path: str | Path) -> ConvertedCheckpoint:
     state = data.get("model", data)
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path}: 'model' is a {type(state).__name__}, not a state dict")
-    return convert_original(state, source=str(path))
+    return convert_original(state, source=str(path), fold_input=fold_input)
