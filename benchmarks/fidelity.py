@@ -126,7 +126,7 @@ class Fidelity:
         self.out = Path(args.out).resolve()
         self.common = [*schedule_overrides(args.iterations, args.batch),
                        f"data.shapes.num_val={args.num_val}", f"data.num_workers={args.loader_workers}",
-                       f"train.seed={args.seed}"]
+                       f"train.seed={args.seed}", *args.overrides]
         self.scores: list[Score] = []
         if args.include is not None:
             earlier = json.loads(args.include.read_text())["scores"]
@@ -305,6 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train the teacher longer than the other runs (default: --iterations), so that it stays "
                         "ahead of students that start from it")
     parser.add_argument("--seed", type=int, default=0, help="training seed (weights init and data order)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="config overrides for every run, e.g. model.fusion_init=original")
     parser.add_argument("--runs", nargs="+", default=["fcos_h", "fcos_l", "teacher", "student_nokd", "student"],
                         choices=["fcos_h", "fcos_l", "teacher", "student_nokd", "student", "student_scratch"],
                         help="which trainings to run (a student needs the teacher, which is then trained too)")

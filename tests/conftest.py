@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Dummy credentials for the S3 server that tests/test_cluster_runtime.py starts on 127.0.0.1 (moto): set before Ray
+# Dummy credentials for the S3 server that the s3_bucket fixture starts on 127.0.0.1 (moto): set before Ray
 # starts so its workers inherit them. Not a real account; nothing here reaches a cloud.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "msad-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "msad-test")

@@ -7,8 +7,9 @@ config's iteration 300, point at the tiny run's last iteration instead). Along t
 - the teacher runs side by side with a second, unrelated `launch.py train`, both without `--address`, while a Ray
   cluster started separately (as `ray start --head` does on a cluster's head) runs on the same machine: each must
   start a Ray of its own;
-- `eval` (of the student and of the teacher) and `export` run from the checkpoints alone. That they never read
-  `model.pretrained` is tested in tests/test_cli.py with a checkpoint whose config names an absent ImageNet file.
+- `eval` of the student and `export` run from the checkpoints alone (a teacher's `eval`: tests/test_cli.py). That
+  they never read `model.pretrained` is tested in tests/test_cli.py with a checkpoint whose config names an absent
+  ImageNet file.
 """
 
 from __future__ import annotations
