@@ -357,3 +357,19 @@ def test_plain_detector_trains_and_predicts() -> None:
     model.eval()
     detections = model.predict(_images(), [(256, 256)] * 2, score_thresh=0.0, max_detections=1000)
     assert len(detections) == 2 and all(0 < len(d["scores"]) <= 1000 for d in detections)
+
+
+def test_sync_bn_switch_decides_syncbatchnorm_on_several_gpus_only() -> None:
+    """train.sync_bn: SyncBN on several CUDA workers (the module swap needs no GPU; its forward does), plain BN for
+    false (the original's first-commit teachers at 0.5 / 0.75), and never on CPU, where gloo cannot sync BN."""
+    from msad.config import load_config
+    from msad.engine.loop import with_batch_norm_sync
+
+    def synced(overrides: list[str], device: str, world_size: int) -> bool:
+        model = with_batch_norm_sync(FCOSDetector(**TINY), load_config(None, overrides), torch.device(device),
+                                     world_size)
+        return any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+
+    assert synced([], "cuda", 8)
+    assert not synced(["train.sync_bn=false"], "cuda", 8)
+    assert not synced([], "cuda", 1) and not synced([], "cpu", 8)

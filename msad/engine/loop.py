@@ -134,6 +134,14 @@ def load_frozen_teacher(cfg: Config, device: torch.device) -> MSADTeacher:
     return teacher.eval().to(device)
 
 
+def with_batch_norm_sync(model: nn.Module, cfg: Config, device: torch.device, world_size: int) -> nn.Module:
+    """SyncBatchNorm across GPUs when training on several and `train.sync_bn` (per-GPU batches are small); plain BN
+    otherwise, and always on CPU (gloo), where SyncBatchNorm cannot run."""
+    if device.type == "cuda" and world_size > 1 and cfg.train.sync_bn:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
 def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerContext,
              output_json: Path | None = None, branch: str = "fused") -> dict[str, float]:
     """COCO box AP of `model` on `dataset`; inference is split across workers and gathered on rank 0.
@@ -204,9 +212,7 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext,
     checkpoint, checkpoint_path = _restore(ctx)
     if checkpoint is None and teacher is not None and t.init_from_teacher:
         init_from_teacher(model, teacher.state_dict(), teacher.width)
-    if ctx.device.type == "cuda" and ctx.world_size > 1 and t.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # per-GPU batches are small; CPU/gloo keeps BN
-    model = ctx.prepare_model(model)
+    model = ctx.prepare_model(with_batch_norm_sync(model, cfg, ctx.device, ctx.world_size))
     optimizer = build_optimizer(cfg, unwrap(model))
     scheduler = build_lr_scheduler(cfg, optimizer)
     kd_warmup = KDWarmup(t.kd_alpha, t.kd_warmup_iters)
