@@ -187,7 +187,10 @@ class WandbTrialLogger(Callback):
         run.summary.update(summary_values(summary))
         folder = Path(run.dir).parent  # run.dir is the run's files/ folder
         run.finish(exit_code=1 if summary.status == "ERROR" else 0)
-        return folder.relative_to(self.files.local).as_posix()
+        try:
+            return folder.relative_to(self.files.local).as_posix()
+        except ValueError:  # wandb wrote elsewhere (WANDB_DIR set by the user): nothing of ours to upload
+            return None
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         for trial_id in list(self._runs):  # interrupted (Ctrl-C): keep what was logged, say so
