@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from msad.config import Config, load_config
+from msad.config import Config, deep_merge, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,3 +121,27 @@ def s3_bucket() -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def tiny_sweep(tmp: Path, cache: Path, name: str, body: dict, iterations: int = 4, config: dict | None = None) -> Path:
+    """A sweep file over tiny configs: 24 train / 6 val images at 128 px, batch 2, 1 Ray worker per trial, storage
+    in tmp/runs; `config` is merged into the sweep's `config` section, `body` adds the sweep's other keys."""
+    spec = {
+        "name": name,
+        "base": str(REPO / "configs" / "cpu_base.yaml"),
+        "config": deep_merge({
+            "model": {"fpn_channels": 32, "gn_groups": 8},
+            "data": {"shapes": {"num_train": 24, "num_val": 6, "image_size": [96, 128], "object_size": [8, 40],
+                                "cache_dir": str(cache)},
+                     "train_short_sides": [128], "test_short_side": 128, "num_workers": 0},
+            "train": {"iterations": iterations, "batch_per_worker": 2, "lr_steps": [iterations - 1],
+                      "warmup_iters": 1, "checkpoint_period": 2, "eval_period": iterations, "log_period": 1,
+                      "kd_warmup_iters": 2},
+            "distributed": {"storage_path": str(tmp / "runs"), "max_failures": 0},
+            "tracking": {"mode": "offline"},
+        }, config or {}),
+        **body,
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path

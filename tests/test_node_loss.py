@@ -36,8 +36,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-import yaml
-from conftest import descendants, free_port
+from conftest import descendants, free_port, tiny_sweep
 
 from msad.engine import storage
 from msad.engine.checkpoint import load_checkpoint
@@ -110,26 +109,16 @@ class ClusterRun:
 def cluster_run(tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path, s3_bucket: str) -> Iterator[ClusterRun]:
     tmp = tmp_path_factory.mktemp("node_loss")
     storage_path = storage.join(s3_bucket, secrets.token_hex(4))
-    spec = {
-        "name": "node_loss", "base": str(REPO / "configs" / "cpu_base.yaml"),
-        "config": {
-            "model": {"fpn_channels": 32, "gn_groups": 8, "width_list": [0.25]},  # 12 MB checkpoints through S3
-            "data": {"shapes": {"num_train": 24, "num_val": 6, "image_size": [96, 128], "object_size": [8, 40],
-                                "cache_dir": str(shapes_cache)},
-                     "train_short_sides": [128], "test_short_side": 128, "num_workers": 0},
-            "train": {"iterations": TEACHER_ITERATIONS, "batch_per_worker": 2, "lr_steps": [TEACHER_ITERATIONS - 1],
-                      "warmup_iters": 1, "checkpoint_period": 2, "eval_period": TEACHER_ITERATIONS, "log_period": 1,
-                      "kd_warmup_iters": 1},
-            # 2 CPUs per worker: only a worker node has them (the head has 1), so training runs off the head
-            "distributed": {"storage_path": storage_path, "num_workers": 1, "cpus_per_worker": 2, "max_failures": 2},
-            "tracking": {"mode": "auto"},
-        },
+    sweep_file = tiny_sweep(tmp, shapes_cache, "node_loss", {
         "teachers": {"grid": {"model.width": [0.25]}},
         "students": {"config": {"train": {"iterations": 2, "lr_steps": [1], "eval_period": 2}}},
         "max_concurrent_trials": 1,
-    }
-    sweep_file = tmp / "node_loss.yaml"
-    sweep_file.write_text(yaml.safe_dump(spec))
+    }, iterations=TEACHER_ITERATIONS, config={
+        "model": {"width_list": [0.25]},  # 12 MB checkpoints through S3
+        # 2 CPUs per worker: only a worker node has them (the head has 1), so training runs off the head
+        "distributed": {"storage_path": storage_path, "num_workers": 1, "cpus_per_worker": 2, "max_failures": 2},
+        "tracking": {"mode": "auto"},
+    })
     location = storage.join(storage_path, "node_loss")
 
     token = secrets.token_hex(16)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import tiny_sweep
 
 from msad.engine.checkpoint import load_checkpoint
 from msad.sweep.report import read_trial_summaries
@@ -20,29 +20,6 @@ from msad.sweep.runner import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 CANARY = "msadcanary" + "fedcba9876543210fedcba98"  # W&B-key-like, searched for in every file a sweep writes
-
-
-def tiny_sweep(tmp: Path, cache: Path, name: str, body: dict, iterations: int = 4) -> Path:
-    """A sweep file over tiny configs: 24 train / 6 val images at 128 px, batch 2, 1 Ray worker per trial."""
-    spec = {
-        "name": name,
-        "base": str(REPO / "configs" / "cpu_base.yaml"),
-        "config": {
-            "model": {"fpn_channels": 32, "gn_groups": 8},
-            "data": {"shapes": {"num_train": 24, "num_val": 6, "image_size": [96, 128], "object_size": [8, 40],
-                                "cache_dir": str(cache)},
-                     "train_short_sides": [128], "test_short_side": 128, "num_workers": 0},
-            "train": {"iterations": iterations, "batch_per_worker": 2, "lr_steps": [iterations - 1],
-                      "warmup_iters": 1, "checkpoint_period": 2, "eval_period": iterations, "log_period": 1,
-                      "kd_warmup_iters": 2},
-            "distributed": {"storage_path": str(tmp / "runs"), "max_failures": 0},
-            "tracking": {"mode": "offline"},
-        },
-        **body,
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 @pytest.fixture(scope="module")
