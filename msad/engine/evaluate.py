@@ -19,6 +19,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from msad.engine.bootstrap import BOOTSTRAP_METRICS, SEED, Replicates, bootstrap, image_set_digest
+
 # COCOeval.stats indices of the box metrics reported (AP over IoU 0.5:0.95, at 0.5, at 0.75, by object area).
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -63,6 +65,8 @@ def coco_evaluate(
     image_ids: Sequence[int] | None = None,
     output_json: Path | None = None,
     verbose: bool = False,
+    bootstrap_samples: int = 0,
+    bootstrap_json: Path | None = None,
 ) -> dict[str, float]:
     """Box AP of `results` against `coco_gt` with pycocotools' COCOeval.
 
@@ -73,16 +77,30 @@ def coco_evaluate(
             Images without any result still count: their ground truth is missed.
         output_json: if given, the results are written there (pycocotools' results format).
         verbose: print pycocotools' own progress and summary table.
+        bootstrap_samples: resamples of the images for 95 % intervals of AP, AP50 and APs (`msad.engine.bootstrap`);
+            0 = none.
+        bootstrap_json: if given (and bootstrap_samples > 0), the per-resample values are written there, for
+            paired comparisons with other models scored on the same images.
 
     Returns:
-        {"AP", "AP50", "AP75", "APs", "APm", "APl"} as fractions in [0, 1]. All 0.0 for empty results (nothing
-        detected). A metric whose area range has no ground truth at all (pycocotools' -1) is NaN: undefined, not
-        zero.
+        {"AP", "AP50", "AP75", "APs", "APm", "APl"} as fractions in [0, 1], plus "<metric>_lo" / "<metric>_hi" for
+        the bootstrapped ones (NaN when a resample set leaves the metric mostly undefined). All 0.0 for empty
+        results (nothing detected; intervals [0, 0]). A metric whose area range has no ground truth at all
+        (pycocotools' -1) is NaN: undefined, not zero.
     """
     if output_json is not None:
         _write_json_atomically(Path(output_json), results)
     if not results:  # pycocotools' loadRes cannot index an empty list
-        return dict.fromkeys(METRIC_NAMES, 0.0)
+        metrics = dict.fromkeys(METRIC_NAMES, 0.0)
+        if bootstrap_samples > 0:
+            ids = sorted(image_ids if image_ids is not None else coco_gt.getImgIds())
+            empty = Replicates(SEED, image_set_digest(ids), len(ids),
+                               {name: [0.0] * bootstrap_samples for name in BOOTSTRAP_METRICS},
+                               dict.fromkeys(BOOTSTRAP_METRICS, 0.0))
+            metrics.update(_interval_metrics(empty))
+            if bootstrap_json is not None:
+                _write_json_atomically(Path(bootstrap_json), empty.to_dict())
+        return metrics
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
         coco_dt = coco_gt.loadRes([dict(r) for r in results])  # copies: loadRes adds keys to the dicts it gets
@@ -92,7 +110,21 @@ def coco_evaluate(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: float(v) if v >= 0 else math.nan for name, v in zip(METRIC_NAMES, evaluator.stats, strict=False)}
+    metrics = {name: float(v) if v >= 0 else math.nan for name, v in zip(METRIC_NAMES, evaluator.stats, strict=False)}
+    if bootstrap_samples > 0:
+        replicates = bootstrap(evaluator, bootstrap_samples)
+        metrics.update(_interval_metrics(replicates))
+        if bootstrap_json is not None:
+            _write_json_atomically(Path(bootstrap_json), replicates.to_dict())
+    return metrics
+
+
+def _interval_metrics(replicates: Replicates) -> dict[str, float]:
+    out = {}
+    for name in BOOTSTRAP_METRICS:
+        low, high = replicates.interval(name) or (math.nan, math.nan)
+        out[f"{name}_lo"], out[f"{name}_hi"] = low, high
+    return out
 
 
 def _write_json_atomically(path: Path, payload: Any) -> None:

@@ -320,13 +320,16 @@ def evaluate_checkpoint(cfg: Config, weights: str, output_dir: Path, branch: str
     """COCO AP of a checkpoint on the val set of `cfg`'s data, in this process (GPU when there is one).
 
     The model is rebuilt from the checkpoint's own config (role, width, channels); `cfg` supplies the data.
-    A student (or standalone student) is evaluated with no teacher in memory.
+    A student (or standalone student) is evaluated with no teacher in memory. Detections, bootstrap replicates and
+    metrics (with intervals) are written into `output_dir`.
     """
-    from msad.engine.loop import evaluate
+    from msad.engine.loop import BOOTSTRAP_FILE, RESULTS_FILE, evaluate
 
     state = load_checkpoint(weights)
     model_cfg = checkpoint_config(state, weights)
-    run_cfg = config_from_dict({**model_cfg.to_dict(), "data": cfg.to_dict()["data"]})
+    saved = model_cfg.to_dict()
+    saved["train"]["bootstrap_samples"] = cfg.train.bootstrap_samples  # how to evaluate is the caller's choice
+    run_cfg = config_from_dict({**saved, "data": cfg.to_dict()["data"]})
     paths = resolve_data_paths(run_cfg.data)
     val_set = build_val_dataset(run_cfg, paths)
     check_num_classes(run_cfg, val_set)
@@ -335,7 +338,8 @@ def evaluate_checkpoint(cfg: Config, weights: str, output_dir: Path, branch: str
     ctx = LocalContext()
     model.to(ctx.device)
     output_dir.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate(model, val_set, run_cfg, ctx, output_json=output_dir / "coco_results.json", branch=branch)
+    metrics = evaluate(model, val_set, run_cfg, ctx, output_json=output_dir / RESULTS_FILE, branch=branch,
+                       bootstrap_json=output_dir / BOOTSTRAP_FILE)
     metrics = {**metrics, "role": state["role"], "width": state["width"], "iteration": state["iteration"],
                "branch": branch if state["role"] == "teacher" else "student"}
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
