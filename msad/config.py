@@ -120,12 +120,17 @@ class TrainConfig:
     lr_gamma: float = 0.1
     weight_decay: float = 0.0001
     grad_clip: float = 0.0  # max total grad norm; 0 = off
-    amp: Literal["off", "bf16", "fp16"] = "off"  # mixed precision (GPU only)
+    # mixed precision: bf16 on GPUs and on CPUs (about 1.5x faster steps on this project's AVX-512 BF16 test
+    # machine, benchmarks/RESULTS.md; slower on CPUs without native bf16), fp16 on GPUs only
+    amp: Literal["off", "bf16", "fp16"] = "off"
     # BatchNorm statistics across all GPUs (SyncBN) when training on several; false = each GPU's own batch (the
     # original's teachers at widths 0.5 and 0.75). CPU runs (gloo) always keep per-worker BN.
     sync_bn: bool = True
     checkpoint_period: int = 100  # iterations between checkpoints
     eval_period: int = 0  # iterations between evaluations; 0 = only at the end
+    # resamples of the validation images for 95 % intervals of AP, AP50, APs at every evaluation (paired across
+    # models in the report); 0 = off. About 0.2 s per evaluation on 64 images (benchmarks/RESULTS.md for COCO)
+    bootstrap_samples: int = 500
     keep_checkpoints: int = 2  # last-K checkpoints kept, besides the best by AP
     log_period: int = 10  # iterations between metric reports
     seed: int = 0
@@ -472,7 +477,7 @@ def validate(cfg: Config) -> Config:
 
     for key in ("iterations", "batch_per_worker", "checkpoint_period", "log_period", "keep_checkpoints"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "an integer >= 1")
-    for key in ("warmup_iters", "eval_period", "kd_warmup_iters"):
+    for key in ("warmup_iters", "eval_period", "kd_warmup_iters", "bootstrap_samples"):
         _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "an integer >= 0")
     _check(t.base_lr > 0, "train.base_lr", t.base_lr, "a number > 0")
     for key in ("momentum", "weight_decay", "grad_clip", "fusion_joint_weight", "kd_alpha"):
@@ -482,8 +487,8 @@ def validate(cfg: Config) -> Config:
     _check(t.lr_steps == sorted(t.lr_steps) and all(0 < s < t.iterations for s in t.lr_steps), "train.lr_steps",
            t.lr_steps, f"increasing iterations between 1 and train.iterations-1 ({t.iterations - 1})")
     _check(t.kd_temperature > 0, "train.kd_temperature", t.kd_temperature, "a number > 0")
-    if t.amp != "off":
-        _check(dist.use_gpu, "train.amp", t.amp, "'off' unless distributed.use_gpu is true")
+    if t.amp == "fp16":
+        _check(dist.use_gpu, "train.amp", t.amp, "'off' or 'bf16' unless distributed.use_gpu is true")
 
     _check(dist.num_workers >= 1, "distributed.num_workers", dist.num_workers, "an integer >= 1")
     _check(dist.cpus_per_worker > 0, "distributed.cpus_per_worker", dist.cpus_per_worker, "a number > 0")

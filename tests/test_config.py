@@ -92,7 +92,7 @@ def test_overrides_beat_files(tmp_path: Path) -> None:
         (["data.low_res_scale=0.25"], "data.low_res_scale: invalid value 0.25; allowed: [0.5]"),
         (["train.base_lr=-0.01"], "train.base_lr: invalid value -0.01; allowed: a number > 0"),
         (["train.lr_steps=[250, 100]"], "train.lr_steps: invalid value [250, 100]; allowed: increasing iterations"),
-        (["train.amp=bf16"], "train.amp: invalid value 'bf16'; allowed: 'off' unless distributed.use_gpu is true"),
+        (["train.amp=fp16"], "train.amp: invalid value 'fp16'; allowed: 'off' or 'bf16' unless distributed.use_gpu"),
         (["data.size_divisibility=100"], "data.size_divisibility: invalid value 100; allowed: a positive multiple"),
         (["data.dataset=coco"], "data.train_images: invalid value None; allowed: a path when data.dataset is coco"),
         (["model=3"], "model: invalid value 3; expected ModelConfig"),

@@ -56,6 +56,9 @@ from msad.models.student import (
 from msad.models.teacher import MSADTeacher
 
 RESULTS_FILE = "coco_results.json"
+BOOTSTRAP_FILE = "bootstrap.json"  # per-resample AP, AP50, APs of the evaluation (msad.engine.bootstrap.Replicates)
+HIGH_BRANCH_SUFFIX = "_high"  # files of a teacher's H-branch evaluation: coco_results_high.json, bootstrap_high.json
+HIGH_BRANCH_PREFIX = "H_"  # metric keys of a teacher's H branch: H_AP, H_AP_lo, ...
 UNEVALUATED_SCORE = -1.0  # below any AP (0..1)
 
 
@@ -100,10 +103,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    if cfg.train.amp == "off" or device.type != "cuda":
+    """Mixed precision as configured: bf16 on GPUs and CPUs (CPUs with AVX-512 BF16 or AMX run it natively), fp16
+    on GPUs only (config validation refuses it elsewhere). Losses and decoding cast to fp32 themselves."""
+    if cfg.train.amp == "off" or (cfg.train.amp == "fp16" and device.type != "cuda"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _check_finite(losses: dict[str, Tensor], iteration: int) -> None:
@@ -143,11 +148,14 @@ def with_batch_norm_sync(model: nn.Module, cfg: Config, device: torch.device, wo
 
 
 def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerContext,
-             output_json: Path | None = None, branch: str = "fused") -> dict[str, float]:
-    """COCO box AP of `model` on `dataset`; inference is split across workers and gathered on rank 0.
+             output_json: Path | None = None, branch: str = "fused",
+             bootstrap_json: Path | None = None) -> dict[str, float]:
+    """COCO box AP of `model` on `dataset`, with bootstrap intervals (`train.bootstrap_samples`); inference is split
+    across workers and gathered on rank 0.
 
     Batches hold images of one padded size (`same_padding_batches`), so every image's detections are what it gets
-    alone, whatever the batch size. Every rank returns the same metrics (rank 0 broadcasts them).
+    alone, whatever the batch size. Every rank returns the same metrics (rank 0 broadcasts them). Rank 0 writes
+    the detections to `output_json` and the per-resample metrics to `bootstrap_json` (when given).
     """
     module = unwrap(model)
     was_training = module.training
@@ -172,11 +180,28 @@ def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerC
         results = [r for part in gathered for r in part]
     metrics: list[Any] = [None]
     if ctx.rank == 0:
-        metrics[0] = coco_evaluate(dataset.coco, results, image_ids=dataset.image_ids, output_json=output_json)
+        metrics[0] = coco_evaluate(dataset.coco, results, image_ids=dataset.image_ids, output_json=output_json,
+                                   bootstrap_samples=cfg.train.bootstrap_samples, bootstrap_json=bootstrap_json)
     if ctx.world_size > 1:
         dist.broadcast_object_list(metrics, src=0)
     module.train(was_training)
     return metrics[0]
+
+
+def _evaluate_branches(model: nn.Module, val_set: CocoDetection, cfg: Config, ctx: WorkerContext,
+                       out: Path | None) -> dict[str, float]:
+    """The model's metrics; a fusing teacher's H branch too ("H_" keys), so the report can tell what C-FF adds.
+    Rank 0 writes detections and bootstrap replicates into `out` (see RESULTS_FILE, BOOTSTRAP_FILE)."""
+    def files(suffix: str) -> dict[str, Path | None]:
+        return {"output_json": out / RESULTS_FILE.replace(".json", f"{suffix}.json") if out else None,
+                "bootstrap_json": out / BOOTSTRAP_FILE.replace(".json", f"{suffix}.json") if out else None}
+
+    metrics = evaluate(model, val_set, cfg, ctx, **files(""))
+    module = unwrap(model)
+    if isinstance(module, MSADTeacher) and module.fusion is not None:
+        high = evaluate(model, val_set, cfg, ctx, branch="high", **files(HIGH_BRANCH_SUFFIX))
+        metrics.update({f"{HIGH_BRANCH_PREFIX}{k}": v for k, v in high.items()})
+    return metrics
 
 
 def _restore(ctx: WorkerContext) -> tuple[dict[str, Any] | None, Path | None]:
@@ -317,9 +342,9 @@ def _report(metrics: dict[str, Any], save_now: bool, is_last: bool, model: nn.Mo
     with tempfile.TemporaryDirectory(prefix="msad-ckpt-") as tmp:
         out = Path(tmp)
         if due:
-            ap = evaluate(model, val_set, cfg, ctx, output_json=out / RESULTS_FILE if ctx.rank == 0 else None)
-            metrics.update(ap, latest_AP=ap["AP"])
-            state.best_ap = max(state.best_ap, ap["AP"])
+            metrics.update(_evaluate_branches(model, val_set, cfg, ctx, out if ctx.rank == 0 else None))
+            metrics["latest_AP"] = metrics["AP"]
+            state.best_ap = max(state.best_ap, metrics["AP"])
         # Ray keeps the best checkpoints by this score plus always the latest; unevaluated ones rank last. Not NaN:
         # Ray's resume reads scores back from JSON, where NaN turns into null and breaks its ordering.
         metrics["checkpoint_score"] = metrics["AP"] if due else UNEVALUATED_SCORE

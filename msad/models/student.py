@@ -49,7 +49,7 @@ def aligned_distillation_loss(
     for level, (s, t) in enumerate(zip(student_feats, teacher_feats, strict=True)):
         if s.shape != t.shape:
             raise ValueError(f"level {level}: student feature {tuple(s.shape)} vs teacher {tuple(t.shape)}")
-        total = total + distance(s / temperature, t / temperature)
+        total = total + distance(s.float() / temperature, t.float() / temperature)  # fp32 under autocast
     return total * temperature**2
 
 
