@@ -191,19 +191,19 @@ def test_pareto_front_keeps_points_no_cheaper_point_beats() -> None:
 
 def test_markdown_table_rows_columns_and_order(experiment: tuple[Path, str]) -> None:
     experiment_dir, table = experiment
-    lines = table.splitlines()
+    lines = table.split("\n\n")[0].splitlines()  # the results table; comparisons follow it
     assert _cells(lines[0]) == list(TABLE_COLUMNS)
     assert _cells(lines[1])[2].endswith(":") and not _cells(lines[1])[0].endswith(":")  # numbers right-aligned
     rows = [_cells(line) for line in lines[2:]]
     assert len(rows) == len(SUMMARIES) and all(len(r) == len(TABLE_COLUMNS) for r in rows)
     by_name = {s.name: s for s in SUMMARIES}
     order = [by_name[name] for name in EXPECTED_ORDER]
-    assert [(r[4], r[5], r[10]) for r in rows] == [(f"{s.width:.2f}", s.role.capitalize(), "-" if s.kd_alpha is None
+    assert [(r[4], r[5], r[11]) for r in rows] == [(f"{s.width:.2f}", s.role.capitalize(), "-" if s.kd_alpha is None
                                                     else f"{s.kd_alpha:g}") for s in order]
     assert rows[0] == ["FCOS", "Slimmable-R50", "1.250x", "300it", "1.00", "Teacher", "H & L (256/128)", "30.1",
-                       "50.1", "10.0", "-", "-"]
-    assert rows[1] == ["FCOS", "Slimmable-R50", "0.250x", "300it", "1.00", "Student", "L (128)", "24.7", "44.7",
-                       "8.2", "0.2", "3"]
+                       "-", "50.1", "10.0", "-", "-"]  # no bootstrap replicates in these rows: no interval
+    assert rows[1] == ["FCOS", "Slimmable-R50", "0.250x", "300it", "1.00", "Student", "L (128)", "24.7", "-",
+                       "44.7", "8.2", "0.2", "3"]
     assert rows[3][2] == "0.078x"  # 1.25 x 0.25^2, three decimals
     assert rows[5][7:10] == ["ERROR", "-", "-"]  # failed: status instead of AP
     report = (experiment_dir / "report.md").read_text()

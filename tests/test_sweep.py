@@ -24,8 +24,9 @@ CANARY = "msadcanary" + "fedcba9876543210fedcba98"  # W&B-key-like, searched for
 
 @pytest.fixture(scope="module")
 def two_widths(ray_session: None, tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path):
-    """Width 0.25: a fast teacher and two students. Width 0.5: a slow teacher (no students: it only has to outlast
-    the 0.25 one). Width 0.75: a teacher that diverges (lr 1e30) and one student, which must fail naming it."""
+    """Width 0.25: a fast teacher, two students and a plain FCOS at L. Width 0.5: a slow teacher (no students: it
+    only has to outlast the 0.25 one). Width 0.75: a teacher that diverges (lr 1e30) and one student, which must
+    fail naming it."""
     tmp = tmp_path_factory.mktemp("sweep")
     path = tiny_sweep(tmp, shapes_cache, "two_widths", {
         "teachers": {"variants": [
@@ -33,9 +34,10 @@ def two_widths(ray_session: None, tmp_path_factory: pytest.TempPathFactory, shap
             {"model.width": 0.5, "train.iterations": 12, "train.lr_steps": [11], "train.eval_period": 12},
             {"model.width": 0.75, "train.base_lr": 1.0e30},
         ]},
+        "baselines": {"grid": {"model.width": [0.25]}, "resolutions": ["L"]},
         "students": {"variants": [{"model.width": 0.25, "train.kd_alpha": 0.0},
                                   {"model.width": 0.25, "train.kd_alpha": 0.2}, {"model.width": 0.75}]},
-        "max_concurrent_trials": 3,
+        "max_concurrent_trials": 4,  # the three teachers and the baseline at once
     })
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_API_KEY", CANARY)  # in the driver's environment while the sweep runs: must be written nowhere
@@ -92,7 +94,7 @@ def test_report_and_wandb_match_the_trials(two_widths) -> None:
 
     home, rows = two_widths
     table = (home / "report.md").read_text()
-    assert table.count("| FCOS ") == len(rows) == 6
+    assert table.count("| FCOS ") == len(rows) == 7
     assert (home / "ap_vs_capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     csv_rows = (home / "report.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 1 + len(rows)
@@ -104,6 +106,35 @@ def test_report_and_wandb_match_the_trials(two_widths) -> None:
     assert student["config"]["train"]["teacher_checkpoint"] == rows["teacher-w0.25-h128"].checkpoint
     assert student["summary"]["capacity"] == pytest.approx(rows["student-w0.25-l64-kd0.2-t3"].capacity)
     assert student["summary"]["kd_alpha"] == 0.2 and "AP" in student["summary"]
+
+
+def test_rows_keep_intervals_and_replicates_and_the_report_compares_them(two_widths) -> None:
+    """Every finished trial's row holds its final evaluation's interval and bootstrap replicates (read by the driver
+    from beside the last checkpoint); the teacher's H branch too; the report and W&B's report run compare them."""
+    from test_tracking import _read_wandb_run
+
+    from msad.engine.bootstrap import Replicates
+
+    home, rows = two_widths
+    baseline = rows["fcos-w0.25-l64"]
+    assert (baseline.status, baseline.role, baseline.resolution, baseline.l_short_side) == ("TERMINATED", "fcos",
+                                                                                          "L", 64)
+    for name in ("teacher-w0.25-h128", "fcos-w0.25-l64", "student-w0.25-l64-kd0-t3", "student-w0.25-l64-kd0.2-t3"):
+        row = rows[name]
+        replicates = Replicates.from_dict(row.replicates)
+        assert replicates.samples == 500 and replicates.num_images == 6
+        assert row.AP_lo <= row.AP <= row.AP_hi
+        assert replicates.pairs_with(Replicates.from_dict(rows["teacher-w0.25-h128"].replicates))
+    teacher = rows["teacher-w0.25-h128"]
+    assert teacher.H_AP is not None and Replicates.from_dict(teacher.H_replicates).samples == 500
+    report = (home / "report.md").read_text()
+    for label in ("teacher w0.25 H128&L64: fused vs its H branch", "student w0.25 L64 KD 0.2 vs without KD",
+                  "student w0.25 L64 KD 0.2 vs plain FCOS w0.25 L64",
+                  "teacher w0.25 H128&L64 vs student w0.25 L64 KD 0"):
+        assert f"| {label} " in report
+    runs = [_read_wandb_run(d) for d in sorted((home / "wandb").glob("offline-run-*"))]
+    (report_run,) = [r for r in runs if r["job_type"] == "report"]
+    assert (report_run["run_group"], report_run["summary"]["trials"]) == ("two_widths", 7)
 
 
 def _crash_train_worker_after_checkpoint(run: Path, killed: list[int]) -> None:

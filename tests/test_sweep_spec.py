@@ -36,10 +36,17 @@ def test_a_coco_sweep_without_imagenet_weights_is_refused_before_ray_starts() ->
         load_sweep(REPO / "sweeps" / "paper.yaml")
 
 
-def test_quickstart_shows_kd_off_and_on() -> None:
+def test_quickstart_shows_the_method_against_its_baselines() -> None:
     sweep = load_sweep(REPO / "sweeps" / "quickstart.yaml")
     assert [s.kd_alpha for s in sweep.students] == [0.0, 0.2]
-    assert [s.name for s in sweep.students] == ["student-w0.25-l128-kd0-t3", "student-w0.25-l128-kd0.2-t3"]
+    assert [s.name for s in sweep.students] == ["student-w0.25-l64-kd0-t3", "student-w0.25-l64-kd0.2-t3"]
+    (baseline,) = sweep.baselines
+    assert (baseline.name, baseline.resolution) == ("fcos-w0.25-l64", "L")  # what the students read
+    (teacher,) = sweep.teachers
+    teacher_its = teacher.config["train"]["iterations"]
+    student_its = sweep.students[0].config["train"]["iterations"]
+    assert teacher_its >= 2 * student_its  # trained long enough to stay ahead of its students
+    assert baseline.config["train"]["iterations"] >= teacher_its + student_its  # the students' whole history
 
 
 def test_grid_variants_samples_expand_deterministically(tmp_path: Path) -> None:
@@ -147,3 +154,101 @@ def test_paper_sweep_and_configs_use_the_originals_schedule_per_width() -> None:
         cfg = load_config(REPO / "configs" / "paper" / name)
         assert (cfg.train.role, cfg.model.width) == (role, width), name
         assert _schedule(cfg) == expected and cfg.train.warmup_iters == 500, name
+
+
+def test_baselines_at_h_and_l_and_seed_replicates(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+name: t
+base: base.yaml
+seeds: [0, 1]
+config: {data: {train_short_sides: [224, 256], test_short_side: 256, max_size: 384}}
+teachers:
+  grid: {model.width: [0.25]}
+baselines:
+  grid: {model.width: [0.25]}
+  resolutions: [H, L]
+students:
+  grid: {model.width: [0.25], train.kd_alpha: [0.0, 0.2]}
+""")
+    sweep = load_sweep(path)
+    assert [t.name for t in sweep.teachers] == ["teacher-w0.25-h256-s0", "teacher-w0.25-h256-s1"]
+    assert [b.name for b in sweep.baselines] == ["fcos-w0.25-h256-s0", "fcos-w0.25-h256-s1", "fcos-w0.25-l128-s0",
+                                                 "fcos-w0.25-l128-s1"]
+    assert [s.name for s in sweep.students][:2] == ["student-w0.25-l128-kd0-t3-s0", "student-w0.25-l128-kd0-t3-s1"]
+    assert [t.name for t in sweep.trials] == [t.name for t in sweep.teachers + sweep.baselines + sweep.students]
+    for trial in sweep.trials:  # each replicate trains with its own seed; students wait for their seed's teacher
+        assert config_from_dict(trial.config).train.seed == trial.seed
+        assert trial.teacher_group == f"w0.25-s{trial.seed}"
+        assert trial.tune_config()["replicate_of"] == trial.name.rsplit("-s", 1)[0]
+    low = config_from_dict(sweep.baselines[2].config)
+    assert (low.train.role, sweep.baselines[2].resolution) == ("fcos", "L")
+    assert (low.data.train_short_sides, low.data.test_short_side, low.data.max_size,
+            low.data.size_divisibility) == ([112, 128], 128, 192, 128)  # every size halved: what students read
+    high = config_from_dict(sweep.baselines[0].config)
+    assert (high.data.train_short_sides, high.data.test_short_side) == ([224, 256], 256)
+
+
+def test_one_seed_keeps_plain_names_and_bad_seed_or_resolution_lists_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: t\nbase: base.yaml\nteachers:\n  grid: {model.width: [0.25]}\n")
+    (teacher,) = load_sweep(path).teachers
+    assert (teacher.name, teacher.teacher_group, teacher.tune_config()["replicate_of"]) == (
+        "teacher-w0.25-h256", "w0.25", "teacher-w0.25-h256")
+    path.write_text("name: t\nbase: base.yaml\nseeds: [1, 1]\nteachers:\n  grid: {model.width: [0.25]}\n")
+    with pytest.raises(UserError, match=r"sweep.yaml: seeds: invalid value \[1, 1\]; allowed: a list of distinct"):
+        load_sweep(path)
+    path.write_text("name: t\nbase: base.yaml\nteachers:\n  grid: {model.width: [0.25]}\n  resolutions: [L]\n")
+    with pytest.raises(UserError, match="teachers.resolutions: only a baselines stage has resolutions"):
+        load_sweep(path)
+    path.write_text("name: t\nbase: base.yaml\nbaselines:\n  grid: {model.width: [0.25]}\n  resolutions: [M]\n")
+    with pytest.raises(UserError, match="resolutions"):
+        load_sweep(path)
+
+
+def test_students_wait_for_the_teacher_of_their_own_seed_and_baselines_wait_for_nothing(tmp_path: Path) -> None:
+    """The searcher alone (no Ray): what it hands out, in order, as trials end."""
+    from msad.sweep.runner import TeacherFirstSearcher
+
+    path = write(tmp_path, """
+name: t
+base: base.yaml
+seeds: [0, 1]
+teachers: {grid: {model.width: [0.25]}}
+baselines: {grid: {model.width: [0.25]}, resolutions: [L]}
+students: {grid: {model.width: [0.25]}}
+""")
+    sweep = load_sweep(path)
+    searcher = TeacherFirstSearcher(sweep.teachers, sweep.students, sweep.baselines)
+    handed = [searcher.suggest(f"id{i}") for i in range(4)]
+    assert [c["trial_name"] for c in handed] == ["teacher-w0.25-h256-s0", "teacher-w0.25-h256-s1",
+                                                 "fcos-w0.25-l128-s0", "fcos-w0.25-l128-s1"]
+    assert searcher.suggest("id4") is None  # both students wait for their teachers
+    searcher.on_trial_complete("id1", {"best_checkpoint": "/t1.pt", "AP": 0.3})  # seed 1's teacher ends first
+    student = searcher.suggest("id5")
+    assert student["trial_name"] == "student-w0.25-l128-kd0.2-t3-s1"
+    assert student["msad"]["train"]["teacher_checkpoint"] == "/t1.pt" and student["msad"]["train"]["seed"] == 1
+    assert searcher.suggest("id6") is None
+    searcher.on_trial_complete("id0", None, error=True)  # seed 0's teacher fails: its student fails naming it
+    failed = searcher.suggest("id7")
+    assert failed["dependency_error"] == ("teacher teacher-w0.25-h256-s0 (width 0.25, seed 0) failed; "
+                                          "its students were not run")
+
+
+def test_asha_never_stops_the_student_without_distillation() -> None:
+    """Ray's ASHA, fed by hand (no Ray needed): at the rung, a worse KD student is stopped; an equally bad KD-off
+    student is not, since every student is compared with it in the report."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from msad.sweep.runner import StudentASHA
+
+    asha = StudentASHA(time_attr="iteration", metric="AP", mode="max", max_t=10, grace_period=2,
+                       reduction_factor=2, stop_last_trials=False)
+    good, worse, plain = (SimpleNamespace(trial_id=name, config={"role": "student", "kd_alpha": alpha},
+                                          is_finished=lambda: False)
+                          for name, alpha in (("good", 0.2), ("worse", 0.8), ("plain", 0.0)))
+    for trial in (good, worse, plain):
+        asha.on_trial_add(None, trial)
+    assert asha.on_trial_result(None, good, {"iteration": 2, "AP": 0.5}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, worse, {"iteration": 2, "AP": 0.1}) == TrialScheduler.STOP
+    assert asha.on_trial_result(None, plain, {"iteration": 2, "AP": 0.1}) == TrialScheduler.CONTINUE

@@ -15,7 +15,7 @@ import pytest
 from msad.config import Config, TrackingConfig
 from msad.errors import UserError
 from msad.sweep.experiment_files import ExperimentFiles
-from msad.sweep.report import TrialSummary
+from msad.sweep.report import REPLICATE_KEYS, TrialSummary
 from msad.sweep.tracking import make_wandb_callback, scrub_secrets, sync_command, wandb_mode
 
 FAKE_KEY = "fakewandbkey0123456789abcdef0123456789abcd"  # 40 characters, like a real key
@@ -181,15 +181,16 @@ def test_tune_trials_become_offline_wandb_runs_named_grouped_and_tagged(tune_run
     for name, (role, kd_alpha, kd_temperature, ap) in TRIALS.items():
         run = runs[name]
         assert (run["project"], run["run_group"], run["job_type"]) == ("msad-test", "exp", role)
-        assert run["tags"] == ["sweep-test", role, "w0.25"]
+        assert run["tags"] == ["sweep-test", role, "w0.25", "exp"]
 
         expected = _msad_config(role, kd_alpha)
         assert {key: run["config"][key] for key in expected} == expected  # the whole msad config, sections nested
         assert not {"trial_name", "role", "msad"} & set(run["config"])  # Tune's trial config is not mixed in
 
         summary = run["summary"]
-        row_fields = {f.name for f in dataclasses.fields(TrialSummary)}
+        row_fields = {f.name for f in dataclasses.fields(TrialSummary)} - set(REPLICATE_KEYS)
         assert row_fields <= set(summary)  # the same keys on every run (the report row's), however it ended
+        assert not set(REPLICATE_KEYS) & set(summary)  # the long per-resample lists stay in the JSON rows
         assert (summary["name"], summary["role"], summary["width"], summary["h_short_side"]) == (name, role, 0.25,
                                                                                                 256)
         assert summary["gflops"] > 0 and summary["capacity"] > 0
@@ -223,3 +224,37 @@ def test_run_config_drops_credential_keys(tmp_path: Path) -> None:
 
     trial = SimpleNamespace(config={"msad": {"distributed": {"aws_secret_access_key": PLANTED_SECRET, "x": 1}}})
     assert WandbTrialLogger.run_config(trial) == {"distributed": {"x": 1}}
+
+
+def test_the_sweep_report_is_one_wandb_run_with_tables_and_the_plot(tmp_path: Path) -> None:
+    """`log_report_run` after `write_report`: read back with wandb's reader, the logged table files and image."""
+    from msad.sweep.report import write_report, write_trial_summary
+    from msad.sweep.tracking import log_report_run
+    from tests.test_compare import one_seed_sweep
+
+    for summary in one_seed_sweep():
+        write_trial_summary(tmp_path, summary)
+    write_report(tmp_path)
+    folder = log_report_run(TrackingConfig(project="msad-test", mode="offline", tags=["t"]), "exp",
+                            ExperimentFiles(str(tmp_path)))
+    run_dir = tmp_path / folder
+    run = _read_wandb_run(run_dir)
+    assert (run["run_group"], run["job_type"], run["display_name"], run["tags"]) == ("exp", "report", "exp-report",
+                                                                                   ["t", "report", "exp"])
+    assert run["summary"]["trials"] == 4 and run["summary"]["real_differences"] >= 2
+    (logged,) = run["history"]
+
+    def media(key: str, kind: str = "table-file") -> Path:  # wandb's reader flattens a media item: key._type
+        assert logged[f"{key}._type"] == kind
+        return run_dir / "files" / logged[f"{key}.path"]
+
+    table = json.loads(media("report").read_text())
+    assert table["columns"][:9] == ["Method", "Backbone", "Capacity", "Sched", "Width", "Role", "Resolution", "BoxAP",
+                                    "95% CI"]
+    assert [row[table["columns"].index("name")] for row in table["data"]] == [
+        "teacher-w0.25-h256", "fcos-w0.25-l128", "student-w0.25-l128-kd0-t3", "student-w0.25-l128-kd0.2-t3"]
+    comparisons = json.loads(media("comparisons").read_text())
+    verdicts = {row[0]: row[-1] for row in comparisons["data"]}
+    assert verdicts["student w0.25 L128 KD 0.2 vs plain FCOS w0.25 L128"] is True
+    assert verdicts["student w0.25 L128 KD 0.2 vs without KD"] is False
+    assert media("ap_vs_capacity", "image-file").read_bytes().startswith(b"\x89PNG")

@@ -44,12 +44,14 @@ ROLE_NAMES = {"teacher": "Teacher", "student": "Student", "fcos": "Baseline"}
 FINAL_STATUSES = ("TERMINATED", "ERROR", "STOPPED")  # Tune's words; STOPPED = ended early by the scheduler (ASHA)
 RUNNING = "RUNNING"  # a summary being filled in by its trial; never written
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+INTERVAL_KEYS = ("AP_lo", "AP_hi", "AP50_lo", "AP50_hi", "APs_lo", "APs_hi", "H_AP", "H_AP_lo", "H_AP_hi")
+REPLICATE_KEYS = ("replicates", "H_replicates")  # long lists: kept in the JSON rows, not in CSV or W&B summaries
 PAPER_SHORT_SIDE, PAPER_LONG_SIDE = 800, 1333
 IMAGES_PER_1X = 90_000 * 16  # the 1x schedule: 90k iterations at batch 16 (about 12 COCO epochs)
 
-TABLE_COLUMNS = ("Method", "Backbone", "Capacity", "Sched", "Width", "Role", "Resolution", "BoxAP", "AP50", "APs",
-                 "KD alpha", "T")
-RIGHT_ALIGNED = {"Capacity", "Width", "BoxAP", "AP50", "APs", "KD alpha", "T"}
+TABLE_COLUMNS = ("Method", "Backbone", "Capacity", "Sched", "Width", "Role", "Resolution", "BoxAP", "95% CI", "AP50",
+                 "APs", "KD alpha", "T")
+RIGHT_ALIGNED = {"Capacity", "Width", "BoxAP", "95% CI", "AP50", "APs", "KD alpha", "T"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -213,6 +215,20 @@ class TrialSummary:
     trial_id: str | None
     started_at: float | None = None  # driver clock (time.time()) when Tune started the trial
     ended_at: float | None = None  # ... and when it ended (completed, stopped or failed)
+    seed: int = 0  # train.seed
+    replicate_of: str | None = None  # the trial's name without its seed suffix (None: the sweep has one seed)
+    # 95 % bootstrap intervals over the validation images (msad.engine.bootstrap), fractions
+    AP_lo: float | None = None
+    AP_hi: float | None = None
+    AP50_lo: float | None = None
+    AP50_hi: float | None = None
+    APs_lo: float | None = None
+    APs_hi: float | None = None
+    H_AP: float | None = None  # a fusing teacher's H branch alone: what C-FF adds is AP - H_AP
+    H_AP_lo: float | None = None
+    H_AP_hi: float | None = None
+    replicates: dict[str, Any] | None = None  # the final evaluation's per-resample metrics (Replicates.to_dict)
+    H_replicates: dict[str, Any] | None = None  # the same for the teacher's H branch
 
     @classmethod
     def for_trial(cls, tune_config: dict[str, Any], cfg: Config, trial_id: str | None = None) -> TrialSummary:
@@ -226,26 +242,36 @@ class TrialSummary:
         role, width, h = cfg.train.role, cfg.model.width, cfg.data.test_short_side
         at_run, published, gflops = capacity_for(role, width, h, cfg.data.max_size)
         student = role == "student"
+        resolution = tune_config.get("resolution") or RESOLUTIONS[role]
         paper_capacity = backbone_capacity(role, width, PAPER_SHORT_SIDE, PAPER_LONG_SIDE)
+        sides = (h, h // 2)
+        if role == "fcos" and resolution == "L":  # a baseline reading L: its own sizes are the L ones
+            paper_capacity = backbone_capacity("student", width, PAPER_SHORT_SIDE, PAPER_LONG_SIDE)
+            sides = (2 * h, h)
+        replicate_of = tune_config.get("replicate_of")
         return cls(
-            name=str(tune_config["trial_name"]), role=role, width=width, h_short_side=h, l_short_side=h // 2,
-            resolution=RESOLUTIONS[role], kd_alpha=cfg.train.kd_alpha if student else None,
+            name=str(tune_config["trial_name"]), role=role, width=width, h_short_side=sides[0],
+            l_short_side=sides[1], resolution=resolution, kd_alpha=cfg.train.kd_alpha if student else None,
             kd_temperature=cfg.train.kd_temperature if student else None, iterations=cfg.train.iterations,
             sched=schedule_name(cfg.train.iterations, cfg.train.batch_per_worker * cfg.distributed.num_workers),
             capacity=paper_capacity, capacity_at_run_resolution=at_run, published_capacity=published, gflops=gflops,
             AP=None, AP50=None, AP75=None, APs=None, APm=None, APl=None, status=RUNNING, error=None,
             checkpoint=None, teacher_checkpoint=cfg.train.teacher_checkpoint if student else None,
-            trial_id=trial_id,
+            trial_id=trial_id, seed=cfg.train.seed,
+            replicate_of=None if replicate_of in (None, tune_config["trial_name"]) else str(replicate_of),
         )
 
-    def finished(self, metrics: dict[str, Any], checkpoint: str | Path | None) -> TrialSummary:
+    def finished(self, metrics: dict[str, Any], checkpoint: str | Path | None,
+                 replicates: dict[str, dict[str, Any] | None] | None = None) -> TrialSummary:
         """This summary for a trial that ran to the end: its last metrics and its (best) checkpoint.
 
         Args:
-            metrics: the trial's final metrics; the keys of METRIC_KEYS it lacks stay None.
+            metrics: the trial's final metrics; the keys of METRIC_KEYS and INTERVAL_KEYS it lacks stay None.
             checkpoint: the checkpoint file to use (students: the teacher file a later sweep names).
+            replicates: {"replicates": ..., "H_replicates": ...} of the final evaluation, when it bootstrapped.
         """
-        return self._with_metrics(metrics, status="TERMINATED", checkpoint=checkpoint)
+        done = self._with_metrics(metrics, status="TERMINATED", checkpoint=checkpoint)
+        return dataclasses.replace(done, **{k: v for k, v in (replicates or {}).items() if k in REPLICATE_KEYS})
 
     def stopped(self, metrics: dict[str, Any], checkpoint: str | Path | None = None) -> TrialSummary:
         """This summary for a trial the scheduler ended early; `metrics` are its last reported ones."""
@@ -256,14 +282,14 @@ class TrialSummary:
         return dataclasses.replace(self, status="ERROR", error=error)
 
     def _with_metrics(self, metrics: dict[str, Any], status: str, checkpoint: str | Path | None) -> TrialSummary:
-        values = {key: _finite_or_none(metrics.get(key)) for key in METRIC_KEYS}
+        values = {key: _finite_or_none(metrics.get(key)) for key in (*METRIC_KEYS, *INTERVAL_KEYS)}
         return dataclasses.replace(self, **values, status=status,
                                    checkpoint=None if checkpoint is None else str(checkpoint))
 
     def to_json(self) -> str:
         """Strict JSON (no NaN): unmeasured metrics are null."""
         data = dataclasses.asdict(self)
-        for key in METRIC_KEYS:
+        for key in (*METRIC_KEYS, *INTERVAL_KEYS):
             data[key] = _finite_or_none(data[key])
         return json.dumps(data, indent=2, allow_nan=False) + "\n"
 
@@ -277,15 +303,17 @@ class TrialSummary:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing, unknown = [n for n in names if n not in data], [k for k in data if k not in names]
+        fields = dataclasses.fields(cls)
+        names = [f.name for f in fields]
+        required = [f.name for f in fields if f.default is dataclasses.MISSING]  # rows of older versions lack others
+        missing, unknown = [n for n in required if n not in data], [k for k in data if k not in names]
         if missing or unknown:
             raise ValueError(f"missing keys {missing}, unknown keys {unknown}")
         if data["role"] not in ROLES or data["status"] not in FINAL_STATUSES:
             raise ValueError(f"role {data['role']!r} (allowed: {', '.join(ROLES)}) or status {data['status']!r} "
                              f"(allowed: {', '.join(FINAL_STATUSES)}) not allowed")
-        for key in METRIC_KEYS:
-            data[key] = _finite_or_none(data[key])
+        for key in (*METRIC_KEYS, *INTERVAL_KEYS):
+            data[key] = _finite_or_none(data.get(key))
         return cls(**data)
 
 
@@ -371,46 +399,66 @@ def _box_ap_cell(s: TrialSummary) -> str:
 
 
 def _resolution_cell(s: TrialSummary) -> str:
-    sides = {"teacher": f"{s.h_short_side}/{s.l_short_side}", "student": f"{s.l_short_side}",
-             "fcos": f"{s.h_short_side}"}[s.role]
+    if s.role == "teacher":
+        sides = f"{s.h_short_side}/{s.l_short_side}"
+    else:
+        sides = f"{s.l_short_side if s.resolution == 'L' else s.h_short_side}"
     return f"{s.resolution} ({sides})"
+
+
+def interval_cell(low: float | None, high: float | None) -> str:
+    """A 95 % interval in percent, e.g. "[10.1, 14.5]"; "-" when there is none."""
+    return "-" if low is None or high is None else f"[{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def _table_row(s: TrialSummary) -> list[str]:
     return ["FCOS", "Slimmable-R50", f"{s.capacity:.3f}x", s.sched, f"{s.width:.2f}", ROLE_NAMES[s.role],
-            _resolution_cell(s), _box_ap_cell(s), _percent(s.AP50), _percent(s.APs), _number(s.kd_alpha),
-            _number(s.kd_temperature)]
+            _resolution_cell(s), _box_ap_cell(s), interval_cell(s.AP_lo, s.AP_hi), _percent(s.AP50),
+            _percent(s.APs), _number(s.kd_alpha), _number(s.kd_temperature)]
 
 
 def markdown_table(summaries: Sequence[TrialSummary]) -> str:
     """The README-style results table, one row per summary in the given order (AP columns in percent)."""
-    rows = [list(TABLE_COLUMNS), *(_table_row(s) for s in summaries)]
-    sizes = [max(3, *(len(row[i]) for row in rows)) for i in range(len(TABLE_COLUMNS))]  # a rule needs 3 dashes
-    rule = [("-" * (n - 1) + ":") if col in RIGHT_ALIGNED else "-" * n
-            for col, n in zip(TABLE_COLUMNS, sizes, strict=True)]
-    lines = [[cell.rjust(n) if col in RIGHT_ALIGNED else cell.ljust(n)
-              for col, cell, n in zip(TABLE_COLUMNS, row, sizes, strict=True)] for row in rows]
+    return aligned_table(TABLE_COLUMNS, [_table_row(s) for s in summaries], RIGHT_ALIGNED)
+
+
+def aligned_table(columns: Sequence[str], rows: Sequence[Sequence[str]], right_aligned: set[str]) -> str:
+    """A Markdown table padded so that it also reads well as plain text (the CLI prints it)."""
+    rows = [list(columns), *(list(row) for row in rows)]
+    sizes = [max(3, *(len(row[i]) for row in rows)) for i in range(len(columns))]  # a rule needs 3 dashes
+    rule = [("-" * (n - 1) + ":") if col in right_aligned else "-" * n for col, n in zip(columns, sizes, strict=True)]
+    lines = [[cell.rjust(n) if col in right_aligned else cell.ljust(n)
+              for col, cell, n in zip(columns, row, sizes, strict=True)] for row in rows]
     lines.insert(1, rule)
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
 CSV_EXTRA = ("name", "status", "h_short_side", "l_short_side", "capacity_at_run_resolution", "published_capacity",
-             "gflops", "AP75", "APm", "APl", "iterations", "error", "checkpoint", "teacher_checkpoint", "trial_id")
+             "gflops", "AP75", "APm", "APl", "iterations", "error", "checkpoint", "teacher_checkpoint", "trial_id",
+             "seed", "replicate_of", "AP_lo", "AP_hi", "AP50_lo", "AP50_hi", "APs_lo", "APs_hi", "H_AP", "H_AP_lo",
+             "H_AP_hi")
 
 
-def _csv_row(s: TrialSummary) -> list[Any]:
-    table = ["FCOS", "Slimmable-R50", s.capacity, s.sched, s.width, ROLE_NAMES[s.role], s.resolution, s.AP, s.AP50,
-             s.APs, s.kd_alpha, s.kd_temperature]
-    return [("" if v is None else v) for v in [*table, *(getattr(s, key) for key in CSV_EXTRA)]]
+def _raw_row(s: TrialSummary) -> list[Any]:
+    ci = None if s.AP_lo is None or s.AP_hi is None else f"{s.AP_lo:.6g} {s.AP_hi:.6g}"
+    table = ["FCOS", "Slimmable-R50", s.capacity, s.sched, s.width, ROLE_NAMES[s.role], s.resolution, s.AP, ci,
+             s.AP50, s.APs, s.kd_alpha, s.kd_temperature]
+    return [*table, *(getattr(s, key) for key in CSV_EXTRA)]
+
+
+def raw_table(summaries: Sequence[TrialSummary]) -> tuple[list[str], list[list[Any]]]:
+    """(columns, rows): the table's columns with raw values (metrics as fractions, capacity as a ratio, None =
+    none), followed by the remaining summary fields (the CSV's and the W&B report table's content)."""
+    return [*TABLE_COLUMNS, *CSV_EXTRA], [_raw_row(s) for s in summaries]
 
 
 def write_csv(summaries: Sequence[TrialSummary], path: Path) -> None:
-    """The table's columns with raw values (metrics as fractions, capacity as a ratio; empty = none), followed by
-    the remaining summary fields, so spreadsheets get every number."""
+    """`raw_table` as CSV (empty = none), so spreadsheets get every number."""
+    columns, rows = raw_table(summaries)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([*TABLE_COLUMNS, *CSV_EXTRA])
-        writer.writerows(_csv_row(s) for s in summaries)
+        writer.writerow(columns)
+        writer.writerows([("" if v is None else v) for v in row] for row in rows)
 
 
 def short_name(s: TrialSummary) -> str:
@@ -436,12 +484,18 @@ def plot_ap_vs_capacity(summaries: Sequence[TrialSummary], path: Path, title: st
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     styles = {"student": ("o", "C0", "student (L)"), "teacher": ("^", "C1", "teacher (H & L)"),
-              "fcos": ("s", "C2", "FCOS baseline (H)")}
+              "fcos": ("s", "C2", "plain FCOS baseline")}
     for role, (marker, color, label) in styles.items():
         group = [s for s in done if s.role == role]
         if group:
             ax.scatter([s.capacity_at_run_resolution for s in group], [100 * s.AP for s in group], marker=marker,
                        color=color, s=40, label=label, zorder=3)
+            bars = [s for s in group if s.AP_lo is not None and s.AP_hi is not None]
+            if bars:  # the 95 % bootstrap interval of each AP
+                ax.errorbar([s.capacity_at_run_resolution for s in bars], [100 * s.AP for s in bars],
+                            yerr=[[100 * max(0.0, s.AP - s.AP_lo) for s in bars],
+                                  [100 * max(0.0, s.AP_hi - s.AP) for s in bars]],
+                            fmt="none", ecolor=color, alpha=0.5, capsize=2, zorder=2)
     for s in done:
         ax.annotate(short_name(s), (s.capacity_at_run_resolution, 100 * s.AP), xytext=(4, 4),
                     textcoords="offset points", fontsize=7)
@@ -467,7 +521,8 @@ def plot_ap_vs_capacity(summaries: Sequence[TrialSummary], path: Path, title: st
 
 def _notes(summaries: Sequence[TrialSummary]) -> str:
     lines = [
-        "BoxAP, AP50, APs: COCO box AP (%) on the validation set at the end of each trial. Capacity: backbone "
+        "BoxAP, AP50, APs: COCO box AP (%) on the validation set at the end of each trial; 95% CI: bootstrap "
+        "interval of BoxAP over the validation images (train.bootstrap_samples resamples). Capacity: backbone "
         "FLOPs relative to width 1.0 at 800 x 1333, for the role's inputs at the paper's sizes (H 800 x 1333, "
         "L 400 x 667), as in the original README. Resolution: the inputs and their short sides in this run. The "
         "plot uses capacity at each run's own input sizes.",
@@ -490,9 +545,17 @@ def write_report(experiment_dir: Path) -> str:
     Raises:
         UserError: no trial results yet, or an unreadable summary.
     """
+    from msad.sweep.compare import comparison_notes, comparisons, comparisons_markdown, seed_table
+
     experiment_dir = Path(experiment_dir)
     summaries = read_trial_summaries(experiment_dir)
     table = markdown_table(summaries)
+    found = comparisons(summaries)
+    if found:
+        table += f"\n\nComparisons:\n\n{comparisons_markdown(found)}\n\n{comparison_notes(found)}"
+    seeds = seed_table(summaries)
+    if seeds:
+        table += f"\n\nAcross seeds (box AP, %):\n\n{seeds}"
     write_csv(summaries, experiment_dir / REPORT_CSV)
     plot_ap_vs_capacity(summaries, experiment_dir / REPORT_PLOT, title=experiment_dir.name)
     markdown = (f"# {experiment_dir.name}\n\n{table}\n\n{_notes(summaries)}\n\n"

@@ -10,8 +10,10 @@ training, instead of waiting at a two-stage barrier. Each trial is a function tr
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
+import posixpath
 import re
 import sys
 import time
@@ -38,7 +40,7 @@ from msad.sweep.report import (
     write_trial_summary,
 )
 from msad.sweep.spec import Sweep, TrialSpec, load_sweep
-from msad.sweep.tracking import WandbTrialLogger, make_wandb_callback, sync_command
+from msad.sweep.tracking import WandbTrialLogger, log_report_run, make_wandb_callback, sync_command
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -59,30 +61,36 @@ class TeacherFirstSearcher(Searcher):
     students of its width wait for it again, then train from the new checkpoint. Being handed out by the searcher,
     re-runs count against `max_concurrent_trials` like every other trial.
 
+    "Width" above is the teacher group: the width, and the seed when a sweep has several (`TrialSpec.teacher_group`).
+    Plain FCOS baselines depend on nothing: they are handed out after the teachers, before any student.
+
     Args:
         teachers: teacher trials, in order.
         students: student trials; those with a given teacher checkpoint are ready at once.
+        baselines: plain FCOS trials.
     """
 
-    def __init__(self, teachers: list[TrialSpec], students: list[TrialSpec]) -> None:
+    def __init__(self, teachers: list[TrialSpec], students: list[TrialSpec],
+                 baselines: list[TrialSpec] | None = None) -> None:
         super().__init__(metric=None, mode=None)
-        self.planned = {t.name: t.tune_config() for t in [*teachers, *students]}  # as first handed out
+        baselines = baselines or []
+        self.planned = {t.name: t.tune_config() for t in [*teachers, *baselines, *students]}  # as first handed out
         self.pending_teachers = [t.name for t in teachers]
-        self.ready: list[dict[str, Any]] = []
-        self.waiting: dict[float, list[str]] = defaultdict(list)
+        self.ready: list[dict[str, Any]] = [self.planned[b.name] for b in baselines]
+        self.waiting: dict[str, list[str]] = defaultdict(list)
         for s in students:
             if s.teacher_checkpoint:
                 self.ready.append(self.planned[s.name])
             else:
-                self.waiting[s.width].append(s.name)
-        self.teachers_left: dict[float, int] = defaultdict(int)
+                self.waiting[s.teacher_group].append(s.name)
+        self.teachers_left: dict[str, int] = defaultdict(int)
         for t in teachers:
-            self.teachers_left[t.width] += 1
+            self.teachers_left[t.teacher_group] += 1
         self.handed_out: dict[str, str] = {}  # trial id -> trial name, until the trial ends
         self.tracking_ids: dict[str, str] = {}  # trial name -> its first trial id (a re-run keeps its W&B run)
         self.attempts: dict[str, int] = defaultdict(int)
-        self.finished: dict[float, list[tuple[float, str, str]]] = defaultdict(list)  # (AP, checkpoint, name)
-        self.failed: dict[float, list[str]] = defaultdict(list)  # failed teachers per width
+        self.finished: dict[str, list[tuple[float, str, str]]] = defaultdict(list)  # (AP, checkpoint, name)
+        self.failed: dict[str, list[str]] = defaultdict(list)  # failed teachers per group
         self.to_rerun: list[str] = []  # trials that failed, handed out again when the sweep is resumed
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
@@ -110,24 +118,25 @@ class TeacherFirstSearcher(Searcher):
             self.to_rerun.append(name)
         if self.planned[name]["role"] != "teacher":
             return
-        width = self.planned[name]["width"]
+        group = self.planned[name]["teacher_group"]
         if error or not checkpoint:
-            self.failed[width].append(name)
+            self.failed[group].append(name)
         else:
-            self.finished[width].append((float(result.get("AP", -1.0)), str(checkpoint), name))
-        self.teachers_left[width] -= 1
-        if self.teachers_left[width] == 0:
-            self.ready.extend(self._released(name) for name in self.waiting.pop(width, []))
+            self.finished[group].append((float(result.get("AP", -1.0)), str(checkpoint), name))
+        self.teachers_left[group] -= 1
+        if self.teachers_left[group] == 0:
+            self.ready.extend(self._released(name) for name in self.waiting.pop(group, []))
 
     def _released(self, student: str) -> dict[str, Any]:
         """A waiting student's config once all its width's teachers have ended: with the best teacher's
         checkpoint, or with the error that names the failed teachers."""
         config = self.planned[student]
-        width = config["width"]
-        if not self.finished[width]:
-            reason = f"teacher {', '.join(self.failed[width])} (width {width:g}) failed; its students were not run"
+        group = config["teacher_group"]
+        if not self.finished[group]:
+            which = f"width {config['width']:g}" + (f", seed {config['seed']}" if "-s" in group else "")
+            reason = f"teacher {', '.join(self.failed[group])} ({which}) failed; its students were not run"
             return {**config, "dependency_error": reason}
-        _, checkpoint, teacher = max(self.finished[width])
+        _, checkpoint, teacher = max(self.finished[group])
         msad = {**config["msad"], "train": {**config["msad"]["train"], "teacher_checkpoint": checkpoint}}
         return {**config, "msad": msad, "teacher_name": teacher}
 
@@ -137,17 +146,17 @@ class TeacherFirstSearcher(Searcher):
         for name in failed:
             config = self.planned[name]
             if config["role"] == "teacher":
-                self.failed[config["width"]].remove(name)
-                self.teachers_left[config["width"]] += 1
+                self.failed[config["teacher_group"]].remove(name)
+                self.teachers_left[config["teacher_group"]] += 1
                 self.pending_teachers.append(name)
         for name in failed:
             config = self.planned[name]
             if config["role"] == "teacher":
                 continue
-            if self.teachers_left[config["width"]] > 0 and not config["msad"]["train"]["teacher_checkpoint"]:
-                self.waiting[config["width"]].append(name)
-            elif config["msad"]["train"]["teacher_checkpoint"]:  # a teacher file given in the sweep
+            if config["role"] == "fcos" or config["msad"]["train"]["teacher_checkpoint"]:  # depends on no trial
                 self.ready.append(config)
+            elif self.teachers_left[config["teacher_group"]] > 0:
+                self.waiting[config["teacher_group"]].append(name)
             else:
                 self.ready.append(self._released(name))
 
@@ -175,15 +184,18 @@ class ResumableSearch(SearchGenerator):
 
 
 class StudentASHA(AsyncHyperBandScheduler):
-    """ASHA over students only: teachers are never stopped early and never enter the students' rungs."""
+    """ASHA over students only: teachers and baselines are never stopped early and never enter the students' rungs.
+    A student without distillation (`kd_alpha: 0`) enters the rungs (students behind it are stopped) but is never
+    stopped itself: the report compares every student with it, so it must reach the end."""
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        if trial.config.get("role") == "teacher":
+        if trial.config.get("role") != "student":
             return TrialScheduler.CONTINUE
-        return super().on_trial_result(tune_controller, trial, result)
+        decision = super().on_trial_result(tune_controller, trial, result)
+        return TrialScheduler.CONTINUE if trial.config.get("kd_alpha") == 0 else decision
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-        if trial.config.get("role") == "teacher":
+        if trial.config.get("role") != "student":
             self._trial_info.pop(trial.trial_id, None)
             return
         super().on_trial_complete(tune_controller, trial, result)
@@ -212,7 +224,26 @@ def run_trial(config: dict[str, Any]) -> None:
     result = fit(cfg, callbacks=[TuneReportCallback()], check_storage=False)  # the sweep checked, and watches
     # the last result names the best checkpoint: the driver's TrialSummaryCallback turns it into the report row
     # (and W&B summary), and the searcher hands it to the width's students
-    ray.tune.report({**result.metrics, "best_checkpoint": result.best_checkpoint})
+    ray.tune.report({**result.metrics, "best_checkpoint": result.best_checkpoint,
+                     "final_checkpoint": result.checkpoint})
+
+
+def final_replicates(result: dict[str, Any]) -> dict[str, Any]:
+    """The bootstrap replicates of a finished trial's final evaluation, read from beside its last checkpoint
+    (`msad.engine.loop.BOOTSTRAP_FILE`): {"replicates": ..., "H_replicates": ...} as far as they exist."""
+    from msad.engine.loop import BOOTSTRAP_FILE, HIGH_BRANCH_SUFFIX
+
+    final = result.get("final_checkpoint")
+    if not final:
+        return {}
+    folder = posixpath.dirname(str(final))  # a local path or an s3:// URI alike
+    found = {}
+    for key, name in (("replicates", BOOTSTRAP_FILE),
+                      ("H_replicates", BOOTSTRAP_FILE.replace(".json", f"{HIGH_BRANCH_SUFFIX}.json"))):
+        location = storage.join(folder, name)
+        if storage.exists(location):
+            found[key] = json.loads(storage.read_bytes(location))
+    return found
 
 
 def _error_line(trial: Any) -> str:
@@ -256,7 +287,8 @@ class TrialSummaryCallback(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
         if result.get("best_checkpoint"):
-            self._write(trial, _summary_base(trial).finished(result, result["best_checkpoint"]))
+            self._write(trial, _summary_base(trial).finished(result, result["best_checkpoint"],
+                                                             final_replicates(result)))
         else:  # ended by the scheduler (ASHA) before its last iteration
             self._write(trial, _summary_base(trial).stopped(result, result.get("checkpoint_path")))
 
@@ -351,7 +383,7 @@ def check_head_fits_trial_drivers(sweep: Sweep) -> None:
 
 def _make_search(sweep: Sweep) -> ResumableSearch:
     """The teacher-first searcher under Tune's concurrency limit (applied here, so re-runs count too)."""
-    searcher = TeacherFirstSearcher(sweep.teachers, sweep.students)
+    searcher = TeacherFirstSearcher(sweep.teachers, sweep.students, sweep.baselines)
     return ResumableSearch(ConcurrencyLimiter(searcher, max_concurrent=sweep.spec.max_concurrent_trials))
 
 
@@ -411,13 +443,15 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
         )
     started = time.time()
     tuner.fit()  # on Ctrl-C Tune saves the experiment's state and returns early
-    names = {t.name for t in [*sweep.teachers, *sweep.students]}
+    names = {t.name for t in sweep.trials}
     rows = read_trial_summaries(files.local) if (files.local / RESULTS_DIR).is_dir() else []
     # an ERROR row from before this run belongs to a trial the resumed searcher handed out again: not ended yet
     ended = len(names & {r.name for r in rows if r.status != "ERROR" or (r.ended_at or 0.0) >= started})
     if rows:
         print(write_report(files.local))
         files.upload(REPORT_MD, REPORT_CSV, REPORT_PLOT)
+        if report_run := log_report_run(sweep.base.tracking, sweep.spec.name, files):
+            files.upload(report_run)
     print(f"\nexperiment: {experiment_dir}\nreport: {files.describe()}\n"
           f"W&B offline runs, to upload: {sync_command(files.local)}")
     if not files.upload():

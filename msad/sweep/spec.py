@@ -1,8 +1,10 @@
-"""Sweep YAML -> a fixed, ordered list of trials (teachers, then students), each with its complete config.
+"""Sweep YAML -> a fixed, ordered list of trials (teachers, baselines, students), each with its complete config.
 
 Grids are expanded and samples drawn here, once, from the spec's seed: the list of trials is a pure function of
 the file, so a resumed sweep sees exactly the same trials. Each trial carries everything it needs (its whole msad
-config), and a student names the teacher width it depends on; the runner fills in the checkpoint path.
+config), and a student names the teacher group (width, and seed when there are several) it depends on; the runner
+fills in the checkpoint path. `seeds: [0, 1, 2]` replicates every trial per training seed (`train.seed`); a
+student distils from the teacher of its own seed, so each seed is an independent run of the whole method.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class StageSpec:
     num_samples: int = 1  # draws of `sample` per grid point
     # students only: width -> teacher file (relative to the sweep file, or s3://...)
     teacher_checkpoints: dict[str, str] = field(default_factory=dict)
+    # baselines only: the input of each plain FCOS: H (the trial's sizes) and/or L (every size halved, as the
+    # students' L input), e.g. [L] for "a student at L vs a plain FCOS at L"
+    resolutions: list[Literal["H", "L"]] = field(default_factory=lambda: ["H"])
 
 
 @dataclass
@@ -61,7 +66,9 @@ class SweepFile:
     base: str | None = None  # config file every trial starts from (relative to the sweep file)
     config: dict[str, Any] = field(default_factory=dict)  # nested overrides for every trial
     teachers: StageSpec | None = None
+    baselines: StageSpec | None = None  # plain FCOS (role fcos): no teacher, no distillation
     students: StageSpec | None = None
+    seeds: list[int] = field(default_factory=list)  # replicate every trial per train.seed; [] = the config's seed
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     max_concurrent_trials: int = 2
     trial_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 0.05})  # the (idle) trial driver
@@ -83,12 +90,17 @@ class TrialSpec:
     kd_temperature: float | None
     config: dict[str, Any]
     teacher_checkpoint: str | None = None  # given by the spec (students-only sweeps); else filled in by the runner
+    seed: int = 0  # train.seed
+    teacher_group: str = ""  # teachers and their students share it: "w0.25", or "w0.25-s1" with several seeds
+    resolution: str = ""  # the report's Resolution: "H & L" (teacher), "L" (student), "H" or "L" (baseline)
+    replicate_of: str = ""  # the trial's name without its seed suffix: the W&B group of its seed replicates
 
     def tune_config(self) -> dict[str, Any]:
         """What Tune stores for the trial: flat values for tables and callbacks, and the msad config."""
         return {"trial_name": self.name, "role": self.role, "width": self.width, "h_short_side": self.h_short_side,
-                "kd_alpha": self.kd_alpha, "kd_temperature": self.kd_temperature, "msad": self.config,
-                "dependency_error": None}
+                "kd_alpha": self.kd_alpha, "kd_temperature": self.kd_temperature, "seed": self.seed,
+                "teacher_group": self.teacher_group, "resolution": self.resolution,
+                "replicate_of": self.replicate_of or self.name, "msad": self.config, "dependency_error": None}
 
 
 @dataclass
@@ -98,6 +110,12 @@ class Sweep:
     base: Config
     teachers: list[TrialSpec]
     students: list[TrialSpec]
+    baselines: list[TrialSpec] = field(default_factory=list)
+
+    @property
+    def trials(self) -> list[TrialSpec]:
+        """Every trial, in the order they are handed out when nothing waits: teachers, baselines, students."""
+        return [*self.teachers, *self.baselines, *self.students]
 
     @property
     def experiment_dir(self) -> str:
@@ -168,17 +186,30 @@ def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def _name(role: str, cfg: Config, taken: set[str]) -> str:
+def _name(role: str, cfg: Config, resolution: str) -> str:
     h = cfg.data.test_short_side
     if role == "student":
-        name = f"student-w{cfg.model.width:g}-l{h // 2}-kd{cfg.train.kd_alpha:g}-t{cfg.train.kd_temperature:g}"
-    else:
-        name = f"{role}-w{cfg.model.width:g}-h{h}"
+        return f"student-w{cfg.model.width:g}-l{h // 2}-kd{cfg.train.kd_alpha:g}-t{cfg.train.kd_temperature:g}"
+    if role == "fcos" and resolution == "L":
+        return f"fcos-w{cfg.model.width:g}-l{h}"  # its own sizes are already the L ones
+    return f"{role}-w{cfg.model.width:g}-h{h}"
+
+
+def _unique(name: str, taken: set[str]) -> str:
     unique, n = name, 2
     while unique in taken:
         unique, n = f"{name}-{n}", n + 1
     taken.add(unique)
     return unique
+
+
+def _at_low_resolution(data: dict[str, Any]) -> dict[str, Any]:
+    """A trial's config with every image size halved: a plain FCOS that reads what the students read (L)."""
+    d = data["data"]
+    low = {"train_short_sides": [side // 2 for side in d["train_short_sides"]],
+           "test_short_side": d["test_short_side"] // 2, "max_size": d["max_size"] // 2,
+           "size_divisibility": max(128, d["size_divisibility"] // 2)}
+    return deep_merge(data, {"data": low})
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
@@ -208,13 +239,24 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         raise UserError(f"{where}: {err}") from None
 
     runs_dir = storage.join(storage.resolve(base.distributed.storage_path), spec.name, RUNS_DIR)
+    _check_stages(spec, where)
+    seeds = spec.seeds or [base.train.seed]
     rng = random.Random(spec.seed)
     taken: set[str] = set()
+    plan = _Plan(seeds, runs_dir, taken)
     teachers: list[TrialSpec] = []
     if spec.teachers is not None:
         for point in _expand(spec.teachers, f"{where}: teachers", rng):
             cfg = _trial_config(base_dict, spec.teachers, point, "teacher", f"{where}: teachers", path.parent)
-            teachers.append(_trial(cfg, "teacher", taken, None, runs_dir))
+            teachers.extend(plan.replicates(cfg, "teacher", "H & L"))
+    baselines: list[TrialSpec] = []
+    if spec.baselines is not None:
+        for point in _expand(spec.baselines, f"{where}: baselines", rng):
+            cfg = _trial_config(base_dict, spec.baselines, point, "fcos", f"{where}: baselines", path.parent)
+            for resolution in dict.fromkeys(spec.baselines.resolutions):
+                sized = cfg if resolution == "H" else _validated(_at_low_resolution(cfg.to_dict()),
+                                                                   f"{where}: baselines (resolution L)")
+                baselines.extend(plan.replicates(sized, "fcos", resolution))
     students: list[TrialSpec] = []
     if spec.students is not None:
         given = _given_teachers(spec.students, where, path.parent)
@@ -224,10 +266,52 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
             if width not in given and not any(t.width == width for t in teachers):
                 raise UserError(f"{where}: students at width {width:g} have no teacher: add that width to teachers "
                                 f"or name a file in students.teacher_checkpoints")
-            students.append(_trial(cfg, "student", taken, given.get(width), runs_dir))
+            students.extend(plan.replicates(cfg, "student", "L", given.get(width)))
     if spec.scheduler.type == "asha" and spec.scheduler.grace_period < 1:
         raise UserError(f"{where}: scheduler.grace_period: invalid value {spec.scheduler.grace_period}; allowed: >= 1")
-    return Sweep(path, spec, base, teachers, students)
+    return Sweep(path, spec, base, teachers, students, baselines)
+
+
+def _check_stages(spec: SweepFile, where: str) -> None:
+    for stage_name in ("teachers", "students"):
+        stage = getattr(spec, stage_name)
+        if stage is not None and stage.resolutions != ["H"]:
+            raise UserError(f"{where}: {stage_name}.resolutions: only a baselines stage has resolutions "
+                            f"(teachers read H & L, students L)")
+    if spec.baselines is not None and not spec.baselines.resolutions:
+        raise UserError(f"{where}: baselines.resolutions: expected a non-empty list of H and/or L")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise UserError(f"{where}: seeds: invalid value {spec.seeds}; allowed: a list of distinct integers")
+
+
+def _validated(data: dict[str, Any], where: str) -> Config:
+    try:
+        return absolute_config(config_from_dict(data))
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+
+
+@dataclass
+class _Plan:
+    """Names trials and replicates them per seed: `name-s1` etc. when there are several seeds."""
+
+    seeds: list[int]
+    runs_dir: str
+    taken: set[str]
+
+    def replicates(self, cfg: Config, role: str, resolution: str,
+                   teacher_checkpoint: str | None = None) -> list[TrialSpec]:
+        base_name = _unique(_name(role, cfg, resolution), self.taken)
+        several = len(self.seeds) > 1
+        trials = []
+        for seed in self.seeds:
+            data = cfg.to_dict()
+            data["train"]["seed"] = seed
+            name = _unique(f"{base_name}-s{seed}", self.taken) if several else base_name
+            group = f"w{cfg.model.width:g}" + (f"-s{seed}" if several else "")
+            trials.append(_trial(data, role, name, teacher_checkpoint, self.runs_dir, seed, group, resolution,
+                                 base_name))
+        return trials
 
 
 def _given_teachers(stage: StageSpec, where: str, sweep_dir: Path) -> dict[float, str]:
@@ -244,10 +328,10 @@ def _given_teachers(stage: StageSpec, where: str, sweep_dir: Path) -> dict[float
     return given
 
 
-def _trial(cfg: Config, role: str, taken: set[str], teacher_checkpoint: str | None, runs_dir: str) -> TrialSpec:
+def _trial(data: dict[str, Any], role: str, name: str, teacher_checkpoint: str | None, runs_dir: str, seed: int,
+           teacher_group: str, resolution: str, replicate_of: str) -> TrialSpec:
     """A trial's spec; its Train run lives in EXPERIMENT_DIR/runs/<trial name> (re-running it resumes it)."""
-    data = cfg.to_dict()
-    name = _name(role, cfg, taken)
+    cfg = config_from_dict(data)
     data["distributed"]["run_name"] = name
     data["distributed"]["storage_path"] = runs_dir
     if teacher_checkpoint:
@@ -256,4 +340,5 @@ def _trial(cfg: Config, role: str, taken: set[str], teacher_checkpoint: str | No
     return TrialSpec(name=name, role=role, width=cfg.model.width, h_short_side=cfg.data.test_short_side,
                      kd_alpha=cfg.train.kd_alpha if is_student else None,
                      kd_temperature=cfg.train.kd_temperature if is_student else None, config=data,
-                     teacher_checkpoint=teacher_checkpoint)
+                     teacher_checkpoint=teacher_checkpoint, seed=seed, teacher_group=teacher_group,
+                     resolution=resolution, replicate_of=replicate_of)

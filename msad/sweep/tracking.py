@@ -5,7 +5,9 @@
 as Ray's `WandbLoggerCallback` does, keeps the key out of every Ray runtime environment (Ray's runtime-env agent
 logs those) and out of Ray's private logging-actor API; the driver already receives every result.
 
-- group = experiment name, job_type = role, name = the trial's name, tags = `tracking.tags` + [role, "w<width>"];
+- group = experiment name (with several seeds: "<experiment>:<trial without its seed>", so W&B keeps a trial's
+  seed replicates together), job_type = role, name = the trial's name, tags = `tracking.tags` + [role,
+  "w<width>", experiment name];
 - the W&B config is the trial's msad config (`trial.config["msad"]`) with secret-looking keys removed;
 - step = the msad iteration: a trial restarted from a checkpoint replays iterations it had already logged, and
   those are skipped, so its curve continues instead of being dropped or doubled;
@@ -13,7 +15,10 @@ logs those) and out of Ray's private logging-actor API; the driver already recei
   `status`, whether it finished, was stopped by the scheduler, failed or was interrupted;
 - runs are written under `EXPERIMENT_DIR/wandb/` (the local copy, for an object-store experiment: the sweep uploads
   each run's folder when its trial ends), so offline runs travel with the experiment;
-- a trial run again after a failure (`--resume`) continues its first attempt's W&B run (`tracking_id`).
+- a trial run again after a failure (`--resume`) continues its first attempt's W&B run (`tracking_id`);
+- when the sweep ends, one more run (job type "report", `log_report_run`) holds the sweep's report: the results
+  table and the paired comparisons as `wandb.Table`s and the AP-vs-capacity plot as a `wandb.Image`, so the
+  project's dashboard shows the comparison without panels built by hand.
 
 The API key is never passed as an argument nor written anywhere by msad: wandb reads `WANDB_API_KEY` (or the
 driver machine's `~/.netrc`, from `wandb login`) itself, in the driver process only.
@@ -37,7 +42,7 @@ from ray.tune.experiment import Trial
 from msad.config import TrackingConfig
 from msad.errors import UserError
 from msad.sweep.experiment_files import ExperimentFiles
-from msad.sweep.report import TrialSummary
+from msad.sweep.report import REPLICATE_KEYS, TrialSummary
 
 MODES = ("online", "offline", "disabled")
 LEGACY_MODES = {"dryrun": "offline", "run": "online"}  # values older wandb releases accept in WANDB_MODE
@@ -117,8 +122,10 @@ def _history_values(result: dict[str, Any]) -> dict[str, float | int]:
 
 def summary_values(summary: TrialSummary) -> dict[str, Any]:
     """A run's final summary: every field of the trial's report row, `status` (TERMINATED, STOPPED, ERROR) and
-    `error` included; None as NaN, so each column exists on every run."""
-    return {k: math.nan if v is None else v for k, v in dataclasses.asdict(summary).items()}
+    `error` included; None as NaN, so each column exists on every run. The bootstrap replicates stay out (long
+    lists; their intervals are in)."""
+    return {k: math.nan if v is None else v for k, v in dataclasses.asdict(summary).items()
+            if k not in REPLICATE_KEYS}
 
 
 class WandbTrialLogger(Callback):
@@ -159,9 +166,13 @@ class WandbTrialLogger(Callback):
 
         role = str(_trial_value(trial, "role"))
         width = float(_trial_value(trial, "msad")["model"]["width"])
+        name = str(_trial_value(trial, "trial_name"))
+        replicate_of = str(trial.config.get("replicate_of") or name)
+        # seed replicates of one trial share a W&B group (W&B averages a group's curves); the sweep is a tag
+        group = self.experiment_name if replicate_of == name else f"{self.experiment_name}:{replicate_of}"
         run = wandb.init(
-            project=self.tracking.project, entity=self.tracking.entity, group=self.experiment_name, job_type=role,
-            name=str(_trial_value(trial, "trial_name")), tags=[*self.tracking.tags, role, f"w{width:g}"],
+            project=self.tracking.project, entity=self.tracking.entity, group=group, job_type=role,
+            name=name, tags=[*self.tracking.tags, role, f"w{width:g}", self.experiment_name],
             config=self.run_config(trial), dir=str(self.files.local), mode=self.mode,
             id=trial.config.get("tracking_id") or trial.trial_id, resume="allow",  # resumed and re-run: same run
             reinit="create_new",  # one run object per trial in this process, several open at once
@@ -219,6 +230,55 @@ def make_wandb_callback(tracking: TrackingConfig, experiment_name: str,
     if mode == "disabled":
         return None
     return WandbTrialLogger(tracking, mode, experiment_name, files)
+
+
+REPORT_JOB_TYPE = "report"
+
+
+def log_report_run(tracking: TrackingConfig, experiment_name: str, files: ExperimentFiles) -> str | None:
+    """Log the sweep's report (written by `msad.sweep.report.write_report` into `files.local`) as one W&B run.
+
+    Returns the run's folder relative to the experiment (to upload with the experiment), or None when tracking is
+    disabled.
+
+    Args:
+        tracking: the `tracking` config section.
+        experiment_name: the sweep's name (the W&B group; the run is "<name>-report").
+        files: the experiment's files, holding results/*.json and the plot.
+    """
+    mode = wandb_mode(tracking.mode)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    from msad.sweep.compare import COLUMNS, comparisons
+    from msad.sweep.report import REPORT_PLOT, raw_table, read_trial_summaries
+
+    summaries = read_trial_summaries(files.local)
+    columns, rows = raw_table(summaries)
+    found = comparisons(summaries)
+    comparison_rows = [[c.label, c.seeds, c.mean_a, c.mean_b, c.mean_a - c.mean_b,
+                        None if c.difference is None else f"{c.difference.low:.6g} {c.difference.high:.6g}",
+                        None if c.real is None else bool(c.real)] for c in found]
+    run = wandb.init(
+        project=tracking.project, entity=tracking.entity, group=experiment_name, job_type=REPORT_JOB_TYPE,
+        name=f"{experiment_name}-report", tags=[*tracking.tags, REPORT_JOB_TYPE, experiment_name],
+        dir=str(files.local), mode=mode, reinit="create_new",
+        settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, disable_git=True),
+    )
+    try:
+        run.log({"report": wandb.Table(columns=columns, data=rows),
+                 "comparisons": wandb.Table(columns=list(COLUMNS), data=comparison_rows),
+                 "ap_vs_capacity": wandb.Image(str(files.local / REPORT_PLOT))})
+        run.summary.update({"trials": len(summaries), "comparisons": len(found),
+                            "real_differences": sum(1 for c in found if c.real)})
+        folder = Path(run.dir).parent
+    finally:
+        run.finish()
+    try:
+        return folder.relative_to(files.local).as_posix()
+    except ValueError:  # WANDB_DIR set by the user: wandb wrote elsewhere
+        return None
 
 
 def sync_command(experiment_dir: Path | str) -> str:

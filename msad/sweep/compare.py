@@ -1,0 +1,159 @@
+"""Which differences in a sweep are real: paired comparisons of its trials, over seeds when it has several.
+
+The comparisons a sweep answers without being asked:
+
+- each distilled student against the same student without distillation (KD weight 0; same width, input, seed);
+- each student against a plain FCOS that reads the same L image (a `baselines` trial at resolution L);
+- each student against its teacher (H & L);
+- each fusing teacher against its own H branch (what C-FF adds).
+
+Every trial's final evaluation keeps its bootstrap replicates (`msad.engine.bootstrap`); trials scored on the same
+validation images share their resamples, so a difference is computed per resample and its 95 % interval says
+whether it could be image noise. With several seeds, the difference of each seed is averaged and the interval
+comes from a two-level bootstrap (seeds, then images), so training noise widens it too. A difference is called
+real only when its interval excludes zero.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from msad.engine.bootstrap import Difference, Replicates, seed_averaged_difference
+from msad.sweep.report import TrialSummary, aligned_table, interval_cell
+
+COLUMNS = ("Comparison", "Seeds", "A", "B", "A - B", "95% CI", "Real?")
+RIGHT = {"Seeds", "A", "B", "A - B", "95% CI"}
+SEED_COLUMNS = ("Trial", "Seeds", "Mean AP", "SD", "Min", "Max")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """`a - b` in box AP: the label, the seeds both ran, their mean APs and the paired difference (None: no
+    bootstrap replicates to pair, e.g. `train.bootstrap_samples: 0`)."""
+
+    label: str
+    seeds: int
+    mean_a: float
+    mean_b: float
+    difference: Difference | None
+
+    @property
+    def real(self) -> bool | None:
+        return None if self.difference is None else self.difference.real
+
+
+@dataclass(frozen=True)
+class _Side:
+    """One side of a comparison in one seed: AP and replicates (a trial, or a teacher's H branch)."""
+
+    ap: float
+    replicates: Replicates | None
+
+
+def _group(s: TrialSummary) -> str:
+    return s.replicate_of or s.name
+
+
+def _done(summaries: Sequence[TrialSummary]) -> list[TrialSummary]:
+    return [s for s in summaries if s.status == "TERMINATED" and s.AP is not None]
+
+
+def _side(s: TrialSummary, branch: str = "") -> _Side | None:
+    ap = s.H_AP if branch == "H" else s.AP
+    data = s.H_replicates if branch == "H" else s.replicates
+    if ap is None:
+        return None
+    return _Side(ap, None if data is None else Replicates.from_dict(data))
+
+
+def _describe(s: TrialSummary) -> str:
+    if s.role == "student":
+        return f"student w{s.width:g} L{s.l_short_side} KD {s.kd_alpha:g}"
+    if s.role == "fcos":
+        side = s.l_short_side if s.resolution == "L" else s.h_short_side
+        return f"FCOS w{s.width:g} {s.resolution}{side}"
+    return f"teacher w{s.width:g} H{s.h_short_side}&L{s.l_short_side}"
+
+
+def _compare(label: str, pairs: list[tuple[_Side, _Side]]) -> Comparison:
+    mean_a = statistics.fmean(a.ap for a, _ in pairs)
+    mean_b = statistics.fmean(b.ap for _, b in pairs)
+    usable = [(a.replicates, b.replicates) for a, b in pairs if a.replicates is not None and b.replicates is not None]
+    difference = seed_averaged_difference(usable, "AP") if len(usable) == len(pairs) else None
+    return Comparison(label, len(pairs), mean_a, mean_b, difference)
+
+
+def comparisons(summaries: Sequence[TrialSummary]) -> list[Comparison]:
+    """The sweep's paired comparisons (see the module docstring), seeds matched trial by trial."""
+    done = _done(summaries)
+    found: dict[tuple[str, str, str], list[tuple[_Side, _Side]]] = defaultdict(list)  # (kind, a, b) -> per seed
+
+    def add(kind: str, a: TrialSummary, b: TrialSummary, a_side: _Side | None, b_side: _Side | None) -> None:
+        if a_side is not None and b_side is not None:
+            found[(kind, _group(a), _group(b))].append((a_side, b_side))
+
+    students = [s for s in done if s.role == "student"]
+    for student in students:
+        same_seed = [s for s in done if s.seed == student.seed and s.width == student.width]
+        if student.kd_alpha:
+            plain = [s for s in same_seed if s.role == "student" and s.kd_alpha == 0
+                     and s.l_short_side == student.l_short_side and s.iterations == student.iterations]
+            if plain:
+                add("kd", student, plain[0], _side(student), _side(plain[0]))
+        for fcos in (s for s in same_seed if s.role == "fcos" and s.resolution == "L"
+                     and s.l_short_side == student.l_short_side):
+            add("fcos", student, fcos, _side(student), _side(fcos))
+        for teacher in (s for s in same_seed if s.role == "teacher" and s.l_short_side == student.l_short_side):
+            add("teacher", teacher, student, _side(teacher), _side(student))
+    for teacher in (s for s in done if s.role == "teacher" and s.H_AP is not None):
+        add("fusion", teacher, teacher, _side(teacher), _side(teacher, "H"))
+
+    by_name = {_group(s): s for s in done}
+    labels = {
+        "kd": lambda a, b: f"{_describe(by_name[a])} vs without KD",
+        "fcos": lambda a, b: f"{_describe(by_name[a])} vs plain {_describe(by_name[b])}",
+        "teacher": lambda a, b: f"{_describe(by_name[a])} vs {_describe(by_name[b])}",
+        "fusion": lambda a, b: f"{_describe(by_name[a])}: fused vs its H branch",
+    }
+    order = {"fusion": 0, "teacher": 1, "fcos": 2, "kd": 3}
+    return [_compare(labels[kind](a, b), pairs)
+            for (kind, a, b), pairs in sorted(found.items(), key=lambda item: (order[item[0][0]], item[0][1:]))]
+
+
+def _signed(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def comparisons_markdown(items: Sequence[Comparison]) -> str:
+    """The comparisons as a Markdown table (AP in percent); "yes" only when the interval excludes zero."""
+    rows = []
+    for c in items:
+        d = c.difference
+        real = "-" if c.real is None else ("**yes**" if c.real else "no")
+        rows.append([c.label, str(c.seeds), f"{100 * c.mean_a:.1f}", f"{100 * c.mean_b:.1f}",
+                     _signed(c.mean_a - c.mean_b), "-" if d is None else interval_cell(d.low, d.high), real])
+    return aligned_table(COLUMNS, rows, RIGHT)
+
+
+def seed_table(summaries: Sequence[TrialSummary]) -> str | None:
+    """Mean, spread and range of AP over the seeds of each replicated trial; None when no trial has several."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for s in _done(summaries):
+        if s.replicate_of:
+            groups[s.replicate_of].append(s.AP)
+    rows = [[name, str(len(aps)), f"{100 * statistics.fmean(aps):.1f}",
+             f"{100 * statistics.stdev(aps):.1f}" if len(aps) > 1 else "-", f"{100 * min(aps):.1f}",
+             f"{100 * max(aps):.1f}"] for name, aps in groups.items()]
+    return aligned_table(SEED_COLUMNS, rows, {"Seeds", "Mean AP", "SD", "Min", "Max"}) if rows else None
+
+
+def comparison_notes(items: Sequence[Comparison]) -> str:
+    """What the comparison table means, in two sentences, plus the count of real differences."""
+    real = sum(1 for c in items if c.real)
+    defined = sum(1 for c in items if c.real is not None)
+    text = ("A - B: difference in box AP (points) on the same validation images; 95% CI: paired bootstrap over "
+            "those images (and over seeds, when there are several). Real? yes only when the interval excludes 0.")
+    return f"{text} {real} of {defined} comparisons are real." if defined else text
