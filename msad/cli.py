@@ -67,9 +67,13 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
                           help="teacher branch to evaluate (ablation); ignored for students")
     evaluate.add_argument("--output", default=None, help="folder for the results JSON and metrics")
 
-    export = command("export", "write a standalone student (weights + config, no teacher, no optimizer)")
-    export.add_argument("checkpoint", help="student training checkpoint")
-    export.add_argument("--output", required=True, help="file to write")
+    export = command("export", "write a model at its width for deployment: sliced weights, TorchScript or ONNX, "
+                               "checked against the training model")
+    export.add_argument("checkpoint", help="training checkpoint of a student, teacher (fused branch) or plain FCOS")
+    export.add_argument("--output", required=True, help="file to write (never overwritten)")
+    export.add_argument("--format", choices=["pt", "torchscript", "onnx"], default="pt",
+                        help="pt: weights-only sliced checkpoint (msad.deploy.load_exported); torchscript: runs with "
+                             "torch alone, head outputs and detect(); onnx: head outputs (the 'deploy' extra)")
 
     convert = command("convert", "import an original MSAD (Detectron2) .pth file as an msad checkpoint")
     convert.add_argument("config", help="config YAML describing the model (width, channels, classes) and data")
@@ -79,6 +83,11 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
 
     capacity = command("capacity", "backbone capacity and detector GFLOPs per width and role, beside the paper's")
     capacity.add_argument("--json", action="store_true", help="print JSON rows for machines")
+    capacity.add_argument("--latency", action="store_true",
+                          help="also time each row's deployed network on this machine (batch 1, random weights)")
+    capacity.add_argument("--sizes", choices=["cpu", "paper"], default="cpu",
+                          help="--latency image sizes: cpu (H 256x384, L 128x192) or paper (H 800x1333, L 400x667)")
+    capacity.add_argument("--repeats", type=int, default=3, help="--latency: timed runs per model (median)")
 
     report = command("report", "results table (Markdown + CSV) and AP-vs-capacity plot of an experiment")
     report.add_argument("experiment_dir", help="a sweep's experiment: <distributed.storage_path>/<sweep name>, a "
@@ -175,10 +184,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from msad.engine.checkpoint import export_standalone_student
+    from msad.deploy.export import export_checkpoint
 
-    written = export_standalone_student(_existing_file(args.checkpoint, "checkpoint"), Path(args.output))
-    print(f"wrote {written}")
+    result = export_checkpoint(_existing_file(args.checkpoint, "checkpoint"), Path(args.output), args.format)
+    print(result.summary())
     return 0
 
 
@@ -197,7 +206,20 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     from msad.models.capacity import capacity_json, capacity_rows, format_capacity_table
 
     rows = capacity_rows()
-    print(json.dumps(capacity_json(rows), indent=2) if args.json else format_capacity_table(rows))
+    if args.repeats < 1:
+        raise UserError(f"--repeats: invalid value {args.repeats}; allowed: an integer >= 1")
+    if not args.latency:
+        print(json.dumps(capacity_json(rows), indent=2) if args.json else format_capacity_table(rows))
+        return 0
+    from msad.deploy.latency import latency_table, measure
+
+    timed = [measure(r.role, r.width, args.sizes, args.repeats) for r in rows]
+    if args.json:
+        print(json.dumps([{**row, "latency_input": list(t.size), "latency_gflops": t.gflops,
+                           "eager_ms": t.eager_ms, "torchscript_ms": t.torchscript_ms}
+                          for row, t in zip(capacity_json(rows), timed, strict=True)], indent=2))
+    else:
+        print(format_capacity_table(rows) + "\n\n" + latency_table(timed, args.sizes))
     return 0
 
 

@@ -105,32 +105,24 @@ def check_teacher_for_student(cfg: Config) -> Config:
         raise UserError(f"{path}: teacher width {teacher_cfg.model.width} differs from model.width "
                         f"{cfg.model.width}; MSAD distils between equal widths (no projector)")
     for key in ("width_list", "fpn_channels", "head_convs", "gn_groups", "num_classes"):
-        if getattr(teacher_cfg.model, key) != getattr(cfg.model, key):
-            raise UserError(f"{path}: teacher model.{key}={getattr(teacher_cfg.model, key)} differs from the "
-                            f"student's model.{key}={getattr(cfg.model, key)}")
+        # a sliced teacher holds one width; the widths it was cut from are what the student must share
+        theirs = state.get("source_width_list", teacher_cfg.model.width_list) if key == "width_list" else getattr(
+            teacher_cfg.model, key)
+        if theirs != getattr(cfg.model, key):
+            raise UserError(f"{path}: teacher model.{key}={theirs} differs from the student's "
+                            f"model.{key}={getattr(cfg.model, key)}")
     return teacher_cfg
 
 
 def export_standalone_student(checkpoint: str | Path, output: str | Path) -> Path:
-    """Strip a student training checkpoint to what deployment needs: weights, config, width. No teacher."""
-    state = load_checkpoint(checkpoint)
-    cfg = checkpoint_config(state, checkpoint)
-    if state["role"] != "student":
-        raise UserError(f"{checkpoint}: export takes a student checkpoint, this one is a {state['role']!r} one")
-    output = Path(output)
-    if output.exists():
-        raise UserError(f"{output}: already exists; choose another --output (nothing was overwritten)")
-    standalone = {
-        "version": CHECKPOINT_VERSION,
-        "role": "student",
-        "kind": "standalone",
-        "width": state["width"],
-        "iteration": state["iteration"],
-        "config": cfg.to_dict(),
-        "model": state["model"],
-        "metrics": state.get("metrics", {}),
-    }
-    return save_checkpoint(standalone, output)
+    """A student for deployment: ``launch.py export``'s ``pt`` format (``msad.deploy.export_checkpoint``).
+
+    Weights at the student's width only (no other widths, no teacher, no optimizer) and the config that rebuilds
+    them, checked against the training model before it is written.
+    """
+    from msad.deploy.export import export_checkpoint
+
+    return export_checkpoint(checkpoint, output, "pt", roles=("student",)).path
 
 
 def import_original_checkpoint(original: str | Path, cfg: Config, output: str | Path) -> Path:

@@ -50,7 +50,6 @@ from msad.models.student import (
     KDWarmup,
     MSADStudent,
     check_teacher_matches,
-    init_from_teacher,
     run_frozen_teacher,
 )
 from msad.models.teacher import MSADTeacher
@@ -130,9 +129,14 @@ def _mean_over_workers(sums: dict[str, Tensor], count: int, ctx: WorkerContext) 
 
 
 def load_frozen_teacher(cfg: Config, device: torch.device) -> MSADTeacher:
-    """The trained teacher for a student run: eval mode, no gradients, outside DDP."""
+    """The trained teacher for a student run: eval mode, no gradients, outside DDP. Reads a training checkpoint or
+    a sliced, weights-only teacher (`msad.deploy.export_sliced_teacher`)."""
     path = cfg.train.teacher_checkpoint or ""
     state = load_checkpoint(path)
+    if state.get("kind") == "sliced":
+        from msad.deploy.teacher import teacher_from_sliced_state
+
+        return teacher_from_sliced_state(state, path).to(device)
     teacher = build_teacher(checkpoint_config(state, path))
     teacher.load_state_dict(state["model"])
     teacher.requires_grad_(False)
@@ -236,7 +240,9 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext,
         check_teacher_matches(model, teacher)
     checkpoint, checkpoint_path = _restore(ctx)
     if checkpoint is None and teacher is not None and t.init_from_teacher:
-        init_from_teacher(model, teacher.state_dict(), teacher.width)
+        from msad.deploy.teacher import init_student_from_teacher
+
+        init_student_from_teacher(model, teacher)  # a training teacher or a sliced one
     model = ctx.prepare_model(with_batch_norm_sync(model, cfg, ctx.device, ctx.world_size))
     optimizer = build_optimizer(cfg, unwrap(model))
     scheduler = build_lr_scheduler(cfg, optimizer)
