@@ -46,7 +46,8 @@ def synthetic(images: int, classes: int, objects: int, detections: int, seed: in
         scores = rng.random(detections)
         results += [{"image_id": image_id, "category_id": int(c), "bbox": b.tolist(), "score": float(s)}
                     for b, c, s in zip(boxes, labels, scores, strict=True)]
-    dataset = {"images": [{"id": i, "height": 480, "width": 640, "file_name": f"{i}.jpg"} for i in range(1, images + 1)],
+    image_list = [{"id": i, "height": 480, "width": 640, "file_name": f"{i}.jpg"} for i in range(1, images + 1)]
+    dataset = {"images": image_list,
                "annotations": annotations, "categories": [{"id": c, "name": str(c)} for c in range(1, classes + 1)]}
     coco = COCO()
     coco.dataset = dataset
@@ -75,8 +76,9 @@ def main() -> None:
     start = time.perf_counter()
     replicates = bootstrap(evaluator, args.samples)
     bootstrap_s = time.perf_counter() - start
+    interval = [round(100 * v, 1) for v in replicates.interval("AP")]
     print(f"{args.images} images, {args.classes} classes, {len(gt.dataset['annotations'])} boxes, {len(results)} "
-          f"detections; AP {100 * evaluator.stats[0]:.1f}, 95% CI {[round(100 * v, 1) for v in replicates.interval('AP')]}")
+          f"detections; AP {100 * evaluator.stats[0]:.1f}, 95% CI {interval}")
     print(f"| pycocotools evaluate+accumulate+summarize | {cocoeval_s:.2f} s |\n"
           f"| bootstrap, {args.samples} resamples | {bootstrap_s:.2f} s |\n"
           f"| ratio bootstrap / pycocotools | {bootstrap_s / cocoeval_s:.2f} |")

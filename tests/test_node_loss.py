@@ -175,12 +175,15 @@ def test_teacher_resumes_on_a_replacement_node_and_its_student_trains(cluster_ru
     teacher, student = rows["teacher-w0.25-h128"], rows["student-w0.25-l64-kd0.2-t3"]
     assert (teacher.status, student.status) == ("TERMINATED", "TERMINATED"), (teacher.error, student.error)
     assert teacher.checkpoint.startswith("s3://") and "endpoint_override=" in teacher.checkpoint
-    assert student.teacher_checkpoint == teacher.checkpoint
-    # the student read its teacher from S3 and wrote its own checkpoints there (read back, digest checked)
+    # the student got the teacher's sliced file, written beside its best checkpoint in S3 with its digest, read it
+    # from S3 (the driver's check and the worker on one node: downloaded once, the cache verified by digest) and
+    # wrote its own checkpoints there (read back, digest checked)
+    assert student.teacher_checkpoint == storage.sibling(teacher.checkpoint, "teacher_sliced.pt")
+    assert load_checkpoint(student.teacher_checkpoint)["kind"] == "sliced"
     assert student.checkpoint.startswith(cluster_run.location.partition("?")[0])
     student_state = load_checkpoint(student.checkpoint)
     assert student_state["role"] == "student"
-    assert student_state["config"]["train"]["teacher_checkpoint"] == teacher.checkpoint
+    assert student_state["config"]["train"]["teacher_checkpoint"] == student.teacher_checkpoint
     state = load_checkpoint(teacher.checkpoint)
     assert state["iteration"] == TEACHER_ITERATIONS
     # restarted from a registered checkpoint (the one being written at the kill may not be), not from iteration 0

@@ -49,13 +49,18 @@ def test_students_get_their_teachers_checkpoint_and_start_after_it(two_widths) -
     _, rows = two_widths
     teacher = rows["teacher-w0.25-h128"]
     assert teacher.status == "TERMINATED" and teacher.checkpoint
+    # the dependency, filled in by the searcher: the teacher's sliced, weights-only file beside its best checkpoint
+    handed = str(Path(teacher.checkpoint).with_name("teacher_sliced.pt"))
+    sliced = load_checkpoint(handed)
+    assert (sliced["kind"], sliced["role"], "optimizer" in sliced) == ("sliced", "teacher", False)
+    assert Path(handed).stat().st_size * 2 < Path(teacher.checkpoint).stat().st_size
     students = [rows["student-w0.25-l64-kd0-t3"], rows["student-w0.25-l64-kd0.2-t3"]]
     for student in students:
         assert student.status == "TERMINATED"
-        assert student.teacher_checkpoint == teacher.checkpoint  # the dependency, filled in by the searcher
+        assert student.teacher_checkpoint == handed
         assert student.started_at >= teacher.ended_at  # no student before its teacher ends
         run_cfg = load_checkpoint(student.checkpoint)["config"]
-        assert run_cfg["train"]["teacher_checkpoint"] == teacher.checkpoint  # and in the run's own config
+        assert run_cfg["train"]["teacher_checkpoint"] == handed  # and in the run's own config
 
 
 def test_fast_width_students_start_before_the_slow_teacher_ends(two_widths) -> None:
@@ -103,7 +108,8 @@ def test_report_and_wandb_match_the_trials(two_widths) -> None:
     assert set(finished) == {n for n, s in rows.items() if s.status == "TERMINATED"}
     student = finished["student-w0.25-l64-kd0.2-t3"]
     assert (student["run_group"], student["job_type"]) == ("two_widths", "student")
-    assert student["config"]["train"]["teacher_checkpoint"] == rows["teacher-w0.25-h128"].checkpoint
+    assert student["config"]["train"]["teacher_checkpoint"] == str(
+        Path(rows["teacher-w0.25-h128"].checkpoint).with_name("teacher_sliced.pt"))
     assert student["summary"]["capacity"] == pytest.approx(rows["student-w0.25-l64-kd0.2-t3"].capacity)
     assert student["summary"]["kd_alpha"] == 0.2 and "AP" in student["summary"]
 
@@ -216,7 +222,7 @@ def test_failed_teacher_reruns_on_resume_then_its_student_and_ctrl_c_resumes(ray
     assert rows[teacher_name].started_at == teacher.started_at
     student = rows[student_name]
     assert student.status == "TERMINATED" and student.started_at >= teacher.ended_at
-    assert student.teacher_checkpoint == teacher.checkpoint
+    assert student.teacher_checkpoint == str(Path(teacher.checkpoint).with_name("teacher_sliced.pt"))
     state = load_checkpoint(student.checkpoint)
     assert state["iteration"] == 8 and state["resumed_from"]
     # the teacher's re-run continued its first W&B run (two offline folders of one run id), as did the student's

@@ -14,6 +14,7 @@ which a student at that width never reads, keep the student's own initialisation
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,28 @@ def export_sliced_teacher(training_checkpoint: str | Path, output: str | Path | 
     """
     output = Path(output) if output is not None else Path(training_checkpoint).with_name(SLICED_TEACHER_FILE)
     return export_checkpoint(training_checkpoint, output, "pt", roles=("teacher",)).path
+
+
+def publish_sliced_teacher(checkpoint: str) -> str:
+    """The sliced teacher beside a finished teacher's best `checkpoint` (a path or a storage URI), written once:
+    what the sweep hands to that teacher's students instead of the training file (a fraction of its size, no
+    optimizer state, no other widths). On an object store it is written locally, checked, then uploaded with its
+    SHA-256 sidecar, so each node downloads it once (`msad.engine.storage.local_copy`) and verifies it."""
+    from msad.engine import storage
+    from msad.engine.checkpoint import DIGEST_SUFFIX
+
+    target = storage.sibling(checkpoint, SLICED_TEACHER_FILE)
+    digest = storage.sibling(checkpoint, SLICED_TEACHER_FILE + DIGEST_SUFFIX)
+    if storage.exists(digest):  # written last: a resumed or re-run trial wrote it before
+        return target
+    if not storage.is_uri(checkpoint):
+        export_sliced_teacher(checkpoint, target)  # atomic, digest beside it (save_checkpoint)
+        return target
+    with tempfile.TemporaryDirectory(prefix="msad-teacher-") as tmp:
+        local = export_sliced_teacher(checkpoint, Path(tmp) / SLICED_TEACHER_FILE)
+        storage.write_bytes(target, local.read_bytes())
+        storage.write_bytes(digest, local.with_name(local.name + DIGEST_SUFFIX).read_bytes())
+    return target
 
 
 def teacher_from_sliced_state(state: dict[str, Any], path: str | Path) -> MSADTeacher:

@@ -32,6 +32,14 @@ def join(base: str, *parts: str) -> str:
     return "/".join([head.rstrip("/"), *parts]) + (sep + query if sep else "")
 
 
+def sibling(location: str, name: str) -> str:
+    """The file `name` in the same folder as `location` (a path, or a URI whose ?query is kept)."""
+    if not is_uri(location):
+        return str(Path(location).with_name(name))
+    head, sep, query = location.partition("?")
+    return head.rstrip("/").rsplit("/", 1)[0] + "/" + name + (sep + query if sep else "")
+
+
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and in-filesystem path of a location (as Ray resolves storage_path)."""
     if is_uri(location):
@@ -74,12 +82,23 @@ def write_bytes(location: str, data: bytes) -> None:
 
 
 def local_copy(location: str, cache_dir: Path | None = None, sidecars: tuple[str, ...] = ()) -> Path:
-    """A local file for `location`: the path itself, or a download cached by the URI's hash (with sidecar files)."""
+    """A local file for `location`: the path itself, or a download cached by the URI's hash (with sidecar files).
+
+    A cached copy whose sidecars are byte-identical to the stored ones (e.g. a SHA-256 file) is used again without
+    downloading the file: a node downloads a teacher once, however many processes read it. Without sidecars the
+    file is downloaded on every call."""
     if not is_uri(location):
         return Path(location)
     cache_dir = cache_dir or Path(os.environ.get("MSAD_CACHE", "~/.cache/msad")).expanduser() / "downloads"
     folder = cache_dir / hashlib.sha256(location.encode()).hexdigest()[:16]
     name = location.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    stored = {suffix: read_bytes(_with_suffix(location, suffix)) for suffix in sidecars
+              if exists(_with_suffix(location, suffix))}
+    cached = folder / name
+    if stored and cached.is_file() and all(
+            (folder / (name + suffix)).is_file() and (folder / (name + suffix)).read_bytes() == data
+            for suffix, data in stored.items()):
+        return cached
     for suffix in ("", *sidecars):
         source = _with_suffix(location, suffix)
         if suffix and not exists(source):

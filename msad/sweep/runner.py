@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import pickle
-import posixpath
 import re
 import sys
 import time
@@ -54,7 +53,8 @@ class DependencyFailedError(RuntimeError):
 class TeacherFirstSearcher(Searcher):
     """Hands out every teacher first, then each width's students once all teachers of that width have ended.
 
-    The released students get the best (by AP) of their width's teacher checkpoints; if every teacher of the width
+    The released students get the best (by AP) of their width's teachers, as the sliced, weights-only file written
+    beside its best checkpoint (`msad.deploy.publish_sliced_teacher`); if every teacher of the width
     failed, they are released with a `dependency_error` naming the teacher(s), so they fail with that message while
     other widths go on. Its state is saved with the experiment. When a sweep is resumed (`restore`), the trials that
     failed are handed out again: a failed teacher first (its Train run continues from its last checkpoint), and the
@@ -113,7 +113,7 @@ class TeacherFirstSearcher(Searcher):
         name = self.handed_out.pop(trial_id, None)
         if name is None:
             return
-        checkpoint = (result or {}).get("best_checkpoint")
+        checkpoint = (result or {}).get("teacher_file") or (result or {}).get("best_checkpoint")
         if error:
             self.to_rerun.append(name)
         if self.planned[name]["role"] != "teacher":
@@ -223,9 +223,14 @@ def run_trial(config: dict[str, Any]) -> None:
     cfg = config_from_dict(config["msad"])
     result = fit(cfg, callbacks=[TuneReportCallback()], check_storage=False)  # the sweep checked, and watches
     # the last result names the best checkpoint: the driver's TrialSummaryCallback turns it into the report row
-    # (and W&B summary), and the searcher hands it to the width's students
+    # (and W&B summary); a teacher's students get its sliced, weights-only file written beside it
+    handoff = {}
+    if cfg.train.role == "teacher" and result.best_checkpoint:
+        from msad.deploy.teacher import publish_sliced_teacher
+
+        handoff["teacher_file"] = publish_sliced_teacher(result.best_checkpoint)
     ray.tune.report({**result.metrics, "best_checkpoint": result.best_checkpoint,
-                     "final_checkpoint": result.checkpoint})
+                     "final_checkpoint": result.checkpoint, **handoff})
 
 
 def final_replicates(result: dict[str, Any]) -> dict[str, Any]:
@@ -236,11 +241,10 @@ def final_replicates(result: dict[str, Any]) -> dict[str, Any]:
     final = result.get("final_checkpoint")
     if not final:
         return {}
-    folder = posixpath.dirname(str(final))  # a local path or an s3:// URI alike
     found = {}
     for key, name in (("replicates", BOOTSTRAP_FILE),
                       ("H_replicates", BOOTSTRAP_FILE.replace(".json", f"{HIGH_BRANCH_SUFFIX}.json"))):
-        location = storage.join(folder, name)
+        location = storage.sibling(str(final), name)  # a local path or an s3:// URI alike
         if storage.exists(location):
             found[key] = json.loads(storage.read_bytes(location))
     return found
