@@ -225,9 +225,12 @@ def test_failed_teacher_reruns_on_resume_then_its_student_and_ctrl_c_resumes(ray
     assert student.teacher_checkpoint == str(Path(teacher.checkpoint).with_name("teacher_sliced.pt"))
     state = load_checkpoint(student.checkpoint)
     assert state["iteration"] == 8 and state["resumed_from"]
-    # the teacher's re-run continued its first W&B run (two offline folders of one run id), as did the student's
-    run_ids = [d.name.rsplit("-", 1)[1] for d in sorted((home / "wandb").glob("offline-run-*"))]
-    assert len(run_ids) == 5 and len(set(run_ids)) == 2
+    # the teacher's re-run continued its first W&B run (two offline folders of one run id), as did the student's;
+    # every launch that ended also logged the sweep's report run (the only runs with logged tables)
+    folders = sorted((home / "wandb").glob("offline-run-*"))
+    reports = [d for d in folders if (d / "files" / "media" / "table").is_dir()]
+    run_ids = [d.name.rsplit("-", 1)[1] for d in folders if d not in reports]
+    assert len(reports) == 3 and len(run_ids) == 5 and len(set(run_ids)) == 2
 
 
 def test_asha_stops_a_clearly_worse_student(ray_session: None, tmp_path: Path, shapes_cache: Path,

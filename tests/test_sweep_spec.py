@@ -46,7 +46,7 @@ def test_quickstart_shows_the_method_against_its_baselines() -> None:
     teacher_its = teacher.config["train"]["iterations"]
     student_its = sweep.students[0].config["train"]["iterations"]
     assert teacher_its >= 2 * student_its  # trained long enough to stay ahead of its students
-    assert baseline.config["train"]["iterations"] >= teacher_its + student_its  # the students' whole history
+    assert baseline.config["train"]["iterations"] >= teacher_its  # at least as long as the teacher
 
 
 def test_grid_variants_samples_expand_deterministically(tmp_path: Path) -> None:
