@@ -31,7 +31,9 @@ def two_widths(ray_session: None, tmp_path_factory: pytest.TempPathFactory, shap
     path = tiny_sweep(tmp, shapes_cache, "two_widths", {
         "teachers": {"variants": [
             {"model.width": 0.25},
-            {"model.width": 0.5, "train.iterations": 12, "train.lr_steps": [11], "train.eval_period": 12},
+            # slow enough to outlast the 0.25 teacher's end (H-branch evaluation, sliced export) and its students'
+            # start; 12 iterations once ended 1 s too early
+            {"model.width": 0.5, "train.iterations": 24, "train.lr_steps": [23], "train.eval_period": 24},
             {"model.width": 0.75, "train.base_lr": 1.0e30},
         ]},
         "baselines": {"grid": {"model.width": [0.25]}, "resolutions": ["L"]},
