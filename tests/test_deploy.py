@@ -167,7 +167,7 @@ ISOLATED = textwrap.dedent("""
     torch.set_num_threads(1)
     extra = {"msad.json": ""}
     module = torch.jit.load(sys.argv[1], _extra_files=extra)
-    inputs = torch.load(sys.argv[2])
+    inputs = torch.load(sys.argv[2], weights_only=True)
     with torch.no_grad():
         heads = module(inputs["images"])
     detections = module.detect(inputs["images"], inputs["sizes"])
@@ -189,7 +189,7 @@ def test_torchscript_runs_with_torch_alone_and_matches_eager(role, checkpoints, 
     torch.save({"images": images, "sizes": sizes}, tmp_path / "inputs.pt")
     subprocess.run([sys.executable, "-I", "-c", ISOLATED, str(exported), str(tmp_path / "inputs.pt"),
                     str(tmp_path / "out.pt")], cwd=tmp_path, check=True, timeout=120)
-    out = torch.load(tmp_path / "out.pt", weights_only=False)
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
     assert out["meta"]["role"] == role and out["meta"]["input"] == ("L" if role == "student" else "H")
     model = build_model(configs[role], load_pretrained=False).eval()
     model.load_state_dict(load_checkpoint(checkpoints[role])["model"])
