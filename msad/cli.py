@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from msad import console
 from msad.errors import UserError
 
 PROG = "launch.py"
@@ -28,7 +29,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 GLOBAL_OPTIONS_HELP = ("global options, accepted before or after the command and between overrides: "
-                       "--address auto|ray://HOST:10001|HOST:PORT (default: a private local Ray), --resume")
+                       "--address auto|ray://HOST:10001|HOST:PORT (default: a private local Ray), --resume, "
+                       "--verbose")
 
 
 def _add_global_options(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +40,9 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
                              "local Ray, whatever else runs on this machine")
     parser.add_argument("--resume", action="store_true", default=False,
                         help="continue the experiment or run of the same name from its checkpoints")
+    parser.add_argument("--verbose", action="store_true", default=False,
+                        help="print Ray's, Tune's and W&B's messages on the terminal (by default they go to the "
+                             "sweep's sweep.log or the run's train.log, and the terminal shows progress and results)")
 
 
 def _command_parsers() -> dict[str, argparse.ArgumentParser]:
@@ -104,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     lines = "\n".join(f"  {name:<9} {parser.help_text}" for name, parser in COMMAND_PARSERS.items())  # type: ignore
     parser = OneLineParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage=f"{PROG} [--address ADDRESS] [--resume] [COMMAND] ARGS [section.key=value ...]",
+        usage=f"{PROG} [--address ADDRESS] [--resume] [--verbose] [COMMAND] ARGS [section.key=value ...]",
         description="msad: Multi-Scale Aligned Distillation on Ray. Run a sweep with "
                     f"`{PROG} SWEEP.yaml [section.key=value ...]`, or one of the commands below "
                     f"(`{PROG} COMMAND --help` for its arguments).",
@@ -164,9 +169,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_ready_to_train(cfg)
     from msad.engine.trainer import fit  # heavy (torch, Ray): only once the input is known to be good
 
-    result = fit(cfg, address=args.address, resume=args.resume)
-    print(json.dumps(result.summary(), indent=2))
+    with console.capture(args.verbose) as con:
+        try:
+            result = fit(cfg, address=args.address, resume=args.resume, progress=True)
+            con.result(json.dumps(result.summary(), indent=2))
+        finally:
+            _stop_ray()  # inside the capture: Ray's goodbyes go to the log too
     return 0
+
+
+def _stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -225,12 +241,14 @@ def cmd_capacity(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     _existing_file(args.spec, "sweep file")
-    try:
-        from msad.sweep.runner import run_sweep
-    except ImportError:
-        raise UserError("sweeps are not built yet (issue: Ray Tune sweeps); use `launch.py train CONFIG.yaml`"
-                        ) from None
-    run_sweep(Path(args.spec), args.overrides, address=args.address, resume=args.resume)
+    from msad.sweep.runner import run_sweep
+
+    with console.capture(args.verbose):
+        try:
+            run_sweep(Path(args.spec), args.overrides, address=args.address, resume=args.resume,
+                      verbose=args.verbose)
+        finally:
+            _stop_ray()
     return 0
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,25 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "msad-test")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 torch.manual_seed(0)
+
+
+@contextmanager
+def terminal_to_file(path: Path) -> Iterator[None]:
+    """Point this process's standard output and error (descriptors 1 and 2) at `path`, as a shell redirect does
+    for a command: what an in-process run prints "to the terminal" lands there."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with path.open("a") as file:
+        os.dup2(file.fileno(), 1)
+        os.dup2(file.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 @pytest.fixture(scope="session")

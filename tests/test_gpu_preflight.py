@@ -102,8 +102,9 @@ def test_gpu_run_on_a_node_without_a_driver_stops_in_seconds(tmp_path: Path, sha
     finally:
         holder.stdin.close()
         holder.wait(timeout=120)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    (last,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]  # Ray's own logs aside
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]  # Ray's own logs aside
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-6000:]
+    (last,) = errors
     assert last.startswith("error: run ") and " failed: node " in last, proc.stderr[-3000:]
     assert "no NVIDIA driver found" in last and "NVIDIA driver >= " in last
     assert "ProcessGroupNCCL" not in proc.stderr  # stopped before nccl, not inside it

@@ -51,9 +51,13 @@ def launch(cwd: Path, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen, what: str) -> str:
+    return finish_with_stderr(proc, what)[0]
+
+
+def finish_with_stderr(proc: subprocess.Popen, what: str) -> tuple[str, str]:
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{out[-2000:]}\n{err[-4000:]}"
-    return out
+    return out, err
 
 
 def test_readme_training_runs_as_written(tmp_path: Path, shapes_cache: Path) -> None:
@@ -74,7 +78,8 @@ def test_readme_training_runs_as_written(tmp_path: Path, shapes_cache: Path) -> 
         teacher = launch(work, [*teacher_cmd, *tiny], env)
         neighbour = launch(work, ["train", "configs/fcos_w025_cpu.yaml", *tiny, "distributed.run_name=neighbour"],
                            env)
-        teacher_out, _ = finish(teacher, "README teacher"), finish(neighbour, "second run side by side")
+        (teacher_out, teacher_err), _ = (finish_with_stderr(teacher, "README teacher"),
+                                         finish(neighbour, "second run side by side"))
     finally:
         holder.stdin.close()
         holder.wait(timeout=120)
@@ -82,6 +87,14 @@ def test_readme_training_runs_as_written(tmp_path: Path, shapes_cache: Path) -> 
     assert teacher_summary["checkpoint"] == str(work / "runs" / "teacher-w0.25-h256" / f"checkpoint_{ITERATIONS:07d}"
                                                 / "checkpoint.pt")
     assert (work / "runs" / "neighbour" / "final_metrics.json").is_file()
+    # the terminal (a pipe here): where the log is, a progress line per report, the final evaluation; Ray's own
+    # messages are in the run's train.log, with what the terminal showed
+    log = work / "runs" / "teacher-w0.25-h256" / "train.log"
+    shown = teacher_err.splitlines()
+    assert shown[0].startswith("train teacher-w0.25-h256: 2 iterations on 1 worker(s)") and str(log) in shown[0]
+    assert len(shown) <= 5 and any(f"] eval  it {ITERATIONS}/{ITERATIONS}  AP " in line for line in shown), shown
+    assert any("] teacher-w0.25-h256 [" in line and f"] {ITERATIONS}/{ITERATIONS}  " in line for line in shown)
+    assert "Started a local Ray instance" in log.read_text() and all(line in log.read_text() for line in shown)
 
     student_out = finish(launch(work, [*at_tiny_iteration, *tiny], env), "README student (relative teacher path)")
     student_summary = json.loads(student_out[student_out.index("{"):])

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_sweep
+from conftest import terminal_to_file, tiny_sweep
 
 from msad.engine.checkpoint import load_checkpoint
 from msad.sweep.report import read_trial_summaries
@@ -41,10 +41,37 @@ def two_widths(ray_session: None, tmp_path_factory: pytest.TempPathFactory, shap
                                   {"model.width": 0.25, "train.kd_alpha": 0.2}, {"model.width": 0.75}]},
         "max_concurrent_trials": 4,  # the three teachers and the baseline at once
     })
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, terminal_to_file(tmp / "terminal.txt"):
         mp.setenv("WANDB_API_KEY", CANARY)  # in the driver's environment while the sweep runs: must be written nowhere
         home = run_sweep(path, [])
     return home, {s.name: s for s in read_trial_summaries(home)}
+
+
+def test_the_terminal_shows_a_concise_view_and_the_log_the_rest(two_widths) -> None:
+    """Output to a file (not a terminal): a line per trial start, evaluation and end, a failure's reason in one
+    line with its traceback's path, then the report; Tune's status tables and result dumps go to sweep.log."""
+    home, rows = two_widths
+    lines = (home.parents[1] / "terminal.txt").read_text().splitlines()
+    assert len(lines) <= 60, "\n".join(lines)
+    for name, row in rows.items():
+        starts = [line for line in lines if f"] start   {name}  (" in line]
+        ends = [line for line in lines if f"] done    {name}  AP " in line or f"] FAILED  {name}: " in line]
+        if row.status == "TERMINATED":
+            assert len(starts) == 1 and len(ends) == 1 and f"AP {100 * row.AP:.1f} [" in ends[0], name
+            evaluations = [line for line in lines if f"] eval    {name}  it " in line]
+            assert len(evaluations) == 1 and f"AP {100 * row.AP:.1f}  loss " in evaluations[0]
+    (failed,) = [line for line in lines if "] FAILED  teacher-w0.75-h128: " in line]
+    assert "rank 0: NonFiniteLossError: non-finite loss at iteration 1" in failed and "(traceback: " in failed
+    traceback = Path(failed.rsplit("(traceback: ", 1)[1].rstrip(")"))
+    assert traceback.parent.parent == home and "msad.engine.loop.NonFiniteLossError" in traceback.read_text()
+    assert any("] retry   teacher-w0.75-h128 (trial_retries): rank 0: NonFiniteLossError" in line for line in lines)
+    assert any("] FAILED  student-w0.75-l64-kd0.2-t3: DependencyFailedError: teacher teacher-w0.75-h128 " in line
+               for line in lines)
+    assert sum(line.startswith("| FCOS ") for line in lines) == 7 and f"report: {home}" in lines
+    assert "== Status ==" not in "\n".join(lines) and "Result for " not in "\n".join(lines)
+    log = (home / "sweep.log").read_text()
+    assert "== Status ==" in log and "Result for teacher-w0.25-h128" in log  # Tune's own output, kept
+    assert all(line in log for line in lines)  # and what the terminal showed
 
 
 def test_students_get_their_teachers_checkpoint_and_start_after_it(two_widths) -> None:
@@ -205,7 +232,7 @@ def test_failed_teacher_reruns_on_resume_then_its_student_and_ctrl_c_resumes(ray
     assert rows[student_name].status == "ERROR"
     assert f"teacher {teacher_name} (width 0.25) failed; its students were not run" in rows[student_name].error
 
-    proc = _launch([str(path), "--resume"], tmp_path, log)  # 2. resumed: the teacher again, then Ctrl-C mid-student
+    proc = _launch([str(path), "--resume", "--verbose"], tmp_path, log)  # 2. the teacher again, Ctrl-C mid-student
     try:
         _wait_for_checkpoint(home / "runs" / student_name, proc, log)
         proc.send_signal(signal.SIGINT)
@@ -214,6 +241,7 @@ def test_failed_teacher_reruns_on_resume_then_its_student_and_ctrl_c_resumes(ray
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert "1 of 2 trials unfinished" in log.read_text()  # the student's row is still the first run's ERROR
+    assert "== Status ==" in log.read_text() and "(RayTrainWorker pid=" in log.read_text()  # --verbose: all of it
     teacher = read_trial_summaries(home)[[s.name for s in read_trial_summaries(home)].index(teacher_name)]
     assert teacher.status == "TERMINATED"
     state = load_checkpoint(teacher.checkpoint)

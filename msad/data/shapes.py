@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from msad import console
 from msad.errors import UserError
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "ring", "cross", "diamond")
@@ -267,16 +267,21 @@ def _contrasting_colour(rng: np.random.Generator, region: np.ndarray, tries: int
 
 
 class _Progress:
-    """Progress on stderr, a line per tenth (tqdm is not a dependency; plain lines read fine in Ray logs)."""
+    """Progress of the dataset's generation: redrawn in place on a terminal, else a line per quarter."""
 
     def __init__(self, label: str, total: int) -> None:
         self.label, self.total, self.done, self.reported = label, total, 0, 0
 
     def step(self) -> None:
         self.done += 1
-        if self.done * 10 // self.total > self.reported:
-            self.reported = self.done * 10 // self.total
-            print(f"{self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
+        shown = console.current()
+        if shown.tty:
+            shown.status([f"{self.label}: {self.done}/{self.total}"] if self.done < self.total else [])
+            if self.done == self.total:
+                shown.event(f"{self.label}: {self.total} images")
+        elif self.done * 4 // self.total > self.reported:
+            self.reported = self.done * 4 // self.total
+            shown.event(f"{self.label}: {self.done}/{self.total}")
 
 
 def dataset_summary(annotation_file: str | Path) -> dict[str, Any]:

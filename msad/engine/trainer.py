@@ -6,11 +6,11 @@ mistake costs one line and no cluster time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import yaml
 
+from msad import console
 from msad.build import DataPaths, build_model, build_val_dataset, check_num_classes, resolve_data_paths
 from msad.config import Config, check_ready_to_train, config_from_dict
 from msad.engine import storage
@@ -173,9 +174,9 @@ def check_shared_storage(location: str, what: str = "distributed.storage_path") 
         raise UserError(f"{what}: {root} is not shared by every node (node {first} cannot see it); use a path "
                         "mounted alike on every node (NFS) or s3://bucket/prefix")
     if probe.silent:
-        print(f"warning: {what}: node(s) {', '.join(probe.silent.values())} did not answer the shared-storage check in "
-              f"{STORAGE_CHECK_TIMEOUT_S:.0f} s (joining or leaving?); they are checked again when they are up",
-              file=sys.stderr, flush=True)
+        console.current().warn(f"{what}: node(s) {', '.join(probe.silent.values())} did not answer the "
+                               f"shared-storage check in {STORAGE_CHECK_TIMEOUT_S:.0f} s (joining or leaving?); they "
+                               "are checked again when they are up")
     return alive
 
 
@@ -222,9 +223,17 @@ def _worker_error_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
+TRAIN_LOG = "train.log"  # beside the run's checkpoints: everything the progress bar does not show
+
+
+def _local_log_file(run_dir: str, run_name: str) -> Path:
+    """The run's log: in its folder, or for object-store runs in ./runs/<run_name> (uploaded when the run ends)."""
+    return (Path("runs") / run_name if storage.is_uri(run_dir) else Path(run_dir)) / TRAIN_LOG
+
+
 def fit(cfg: Config, address: str | None = None, resume: bool = False,
         fail_once_at: tuple[int, Path] | None = None, callbacks: list[Any] | None = None,
-        check_storage: bool = True) -> RunResult:
+        check_storage: bool = True, progress: bool = False) -> RunResult:
     """Run one training with Ray Train. Re-running the same run_name (same config) resumes from its checkpoints.
 
     Args:
@@ -234,6 +243,8 @@ def fit(cfg: Config, address: str | None = None, resume: bool = False,
         fail_once_at: fault injection for tests (see msad.engine.loop.run_training).
         callbacks: Ray Train callbacks (a sweep passes Tune's TuneReportCallback).
         check_storage: check that every node sees distributed.storage_path (a sweep checks once for all trials).
+        progress: show a progress bar and evaluations on `msad.console` (the `train` command; not inside sweeps);
+            an active `msad.console.capture` then keeps its log as the run's `train.log`.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -244,6 +255,15 @@ def fit(cfg: Config, address: str | None = None, resume: bool = False,
     init_ray(address)
     if check_storage:
         check_shared_storage(cfg.distributed.storage_path)
+    log = console.keep_log(_local_log_file(run_dir, cfg.distributed.run_name)) if progress else None
+    if log:
+        console.current().event(f"train {cfg.distributed.run_name}: {cfg.train.iterations} iterations on "
+                                f"{cfg.distributed.num_workers} worker(s) in {run_dir}; Ray's messages: {log}")
+    shown = None
+    if progress:
+        from msad.engine.progress import TrainProgress
+
+        shown = TrainProgress(cfg.distributed.run_name, cfg.train.iterations)
     d = cfg.distributed
     resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.use_gpu else {})}
     trainer = TorchTrainer(
@@ -256,7 +276,7 @@ def fit(cfg: Config, address: str | None = None, resume: bool = False,
         run_config=ray.train.RunConfig(
             name=d.run_name,
             storage_path=storage.resolve(d.storage_path),
-            callbacks=callbacks or [],
+            callbacks=[*(callbacks or []), *([shown.forwarder] if shown else [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not a line per report per worker
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
@@ -265,11 +285,16 @@ def fit(cfg: Config, address: str | None = None, resume: bool = False,
         ),
     )
     try:
-        result = trainer.fit()
+        with shown or contextlib.nullcontext():
+            result = trainer.fit()
     except ray.train.TrainingFailedError as err:
-        failure = RunFailedError(f"run {run_dir} failed: {gpu_error_line(str(err)) or _worker_error_line(err)}")
+        where = f" (full log: {log})" if log else ""
+        failure = RunFailedError(f"run {run_dir} failed: {gpu_error_line(str(err)) or _worker_error_line(err)}{where}")
         failure.details = str(err)  # the full worker tracebacks, for logs
         raise failure from None
+    finally:
+        if log and storage.is_uri(run_dir):
+            storage.write_bytes(storage.join(run_dir, TRAIN_LOG), log.read_bytes())
     def location(checkpoint: Any) -> str:
         return storage.join(storage.uri_for(checkpoint.path, run_dir), CHECKPOINT_FILE)
 

@@ -11,12 +11,12 @@ at the end, and the local copy is kept either way.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from msad import console
 from msad.engine import storage
 
 LOCAL_ROOT = "runs"  # the local copy of an object-store experiment: ./runs/<name> of the driver process
@@ -72,8 +72,8 @@ class ExperimentFiles:
             try:
                 _copy(source, pafs.LocalFileSystem(), *storage.filesystem(storage.join(self.location, item)))
             except OSError as err:  # pyarrow raises OSError for object-store failures
-                print(f"warning: could not upload {source} to {self.location} (kept locally; retried with the next "
-                      f"upload): {str(err).splitlines()[0][:300]}", file=sys.stderr, flush=True)
+                console.current().warn(f"could not upload {source} to {self.location} (kept locally; retried with "
+                                       f"the next upload): {str(err).splitlines()[0][:300]}")
                 return False
             self._pending.discard(item)
         return True

@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import re
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +23,7 @@ from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
+from msad import console
 from msad.config import config_from_dict
 from msad.engine import storage
 from msad.errors import UserError
@@ -250,7 +250,7 @@ def final_replicates(result: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def _error_line(trial: Any) -> str:
+def error_line(trial: Any) -> str:
     """The trial's own exception line (e.g. 'DependencyFailedError: teacher ... failed') out of Tune's text."""
     local = Path(trial.error_file) if trial.error_file else None  # written on the driver before callbacks run
     text = local.read_text() if local is not None and local.is_file() else str(trial.get_error() or "")
@@ -297,7 +297,7 @@ class TrialSummaryCallback(Callback):
             self._write(trial, _summary_base(trial).stopped(result, result.get("checkpoint_path")))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._write(trial, _summary_base(trial).failed(_error_line(trial)))
+        self._write(trial, _summary_base(trial).failed(error_line(trial)))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         # W&B runs still open were closed by the W&B logger, which comes first in the callbacks
@@ -339,9 +339,9 @@ class SharedStorageWatch(Callback):
         probe = probe_shared_storage(self.location, new, timeout=5.0)
         self.checked.update(node for node in new if node not in probe.silent)  # silent ones: ask again later
         for node in probe.blind.values():
-            print(f"warning: distributed.storage_path: node {node} joined and cannot see "
-                  f"{storage.resolve(self.location)}; trials placed there cannot save checkpoints where the driver "
-                  "reads them: mount the shared storage on it", file=sys.stderr, flush=True)
+            console.current().warn(f"distributed.storage_path: node {node} joined and cannot see "
+                                   f"{storage.resolve(self.location)}; trials placed there cannot save checkpoints "
+                                   "where the driver reads them: mount the shared storage on it")
 
 
 def _progress_reporter() -> Any:
@@ -396,14 +396,23 @@ def _trial_dirname(trial: Any) -> str:
     return trial.config["trial_name"] + (f"-rerun{attempt}" if attempt else "")
 
 
-def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None, resume: bool = False) -> Path:
-    """Run (or resume) the sweep in `spec_path`; returns the local folder holding its report."""
+SWEEP_LOG = "sweep.log"  # in the experiment's (local) folder: everything the live view does not show
+
+
+def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None, resume: bool = False,
+              verbose: bool = False) -> Path:
+    """Run (or resume) the sweep in `spec_path`; returns the local folder holding its report.
+
+    The terminal shows the live view (`msad.sweep.live.SweepView`) and the report; Ray's, Tune's and W&B's
+    messages go to `sweep.log` in the experiment's folder. `verbose`: everything on the terminal, as they print it.
+    """
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table shows our role/width/kd columns
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # AP arrives only at evaluations
     from ray import tune
 
     from msad.build import resolve_data_paths
     from msad.engine.trainer import check_shared_storage, init_ray
+    from msad.sweep.live import SweepView, planned_trial
 
     sweep = load_sweep(spec_path, overrides)
     experiment_dir = sweep.experiment_dir
@@ -417,50 +426,57 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
     if files.remote and not exists and (files.local / RESULTS_DIR).is_dir():
         raise UserError(f"{files.local}: holds the results of an earlier experiment named {sweep.spec.name!r} "
                         f"(the local copy of {experiment_dir}); move it away, or set a new name in the sweep file")
-    resolve_data_paths(sweep.base.data)  # generate the built-in dataset once, before trials race for it
-    init_ray(address)
-    check_head_fits_trial_drivers(sweep)
-    checked_nodes = check_shared_storage(sweep.base.distributed.storage_path)
+    with console.capture(verbose) as con:
+        resolve_data_paths(sweep.base.data)  # generate the built-in dataset once, before trials race for it
+        init_ray(address)
+        check_head_fits_trial_drivers(sweep)
+        checked_nodes = check_shared_storage(sweep.base.distributed.storage_path)
+        log = console.keep_log(files.local / SWEEP_LOG)
+        con.event(f"sweep {sweep.spec.name}: {len(sweep.trials)} trials, experiment {experiment_dir}"
+                  + (f"; Ray's, Tune's and W&B's messages: {log}" if log else ""))
 
-    trainable = tune.with_resources(run_trial, trial_driver_resources(sweep))
-    if exists and tune.Tuner.can_restore(experiment_dir):
-        files.pull(RESULTS_DIR)  # the rows so far, from wherever the experiment is stored
-        # errored trials stay ERROR in Tune's list; the searcher hands them out again (TeacherFirstSearcher.restore)
-        tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False)
-    else:
-        wandb = make_wandb_callback(sweep.base.tracking, sweep.spec.name, files)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=_make_search(sweep),
-                scheduler=make_scheduler(sweep),
-                num_samples=-1,  # the searcher says when the sweep is done (re-runs included)
-                trial_name_creator=lambda trial: trial.config["trial_name"],
-                trial_dirname_creator=_trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=sweep.spec.name, storage_path=storage.resolve(sweep.base.distributed.storage_path),
-                failure_config=tune.FailureConfig(max_failures=sweep.spec.trial_retries),
-                callbacks=[*([wandb] if wandb else []), TrialSummaryCallback(files, wandb),
-                           SharedStorageWatch(sweep.base.distributed.storage_path, checked_nodes)],
-                progress_reporter=_progress_reporter()),
-        )
-    started = time.time()
-    tuner.fit()  # on Ctrl-C Tune saves the experiment's state and returns early
-    names = {t.name for t in sweep.trials}
-    rows = read_trial_summaries(files.local) if (files.local / RESULTS_DIR).is_dir() else []
-    # an ERROR row from before this run belongs to a trial the resumed searcher handed out again: not ended yet
-    ended = len(names & {r.name for r in rows if r.status != "ERROR" or (r.ended_at or 0.0) >= started})
-    if rows:
-        print(write_report(files.local))
-        files.upload(REPORT_MD, REPORT_CSV, REPORT_PLOT)
-        if report_run := log_report_run(sweep.base.tracking, sweep.spec.name, files):
-            files.upload(report_run)
-    print(f"\nexperiment: {experiment_dir}\nreport: {files.describe()}\n"
-          f"W&B offline runs, to upload: {sync_command(files.local)}")
-    if not files.upload():
-        print(f"warning: some files are only in {files.local}; upload them to {experiment_dir} (e.g. aws s3 sync) "
-              "or run launch.py report on the local copy", file=sys.stderr)
+        trainable = tune.with_resources(run_trial, trial_driver_resources(sweep))
+        if exists and tune.Tuner.can_restore(experiment_dir):
+            files.pull(RESULTS_DIR)  # the rows so far, from wherever the experiment is stored
+            # errored trials stay ERROR in Tune's list; the searcher hands them out again (TeacherFirstSearcher)
+            tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            wandb = make_wandb_callback(sweep.base.tracking, sweep.spec.name, files)
+            view = SweepView(sweep.spec.name, [planned_trial(t.tune_config()) for t in sweep.trials],
+                             sweep.spec.max_concurrent_trials)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=_make_search(sweep),
+                    scheduler=make_scheduler(sweep),
+                    num_samples=-1,  # the searcher says when the sweep is done (re-runs included)
+                    trial_name_creator=lambda trial: trial.config["trial_name"],
+                    trial_dirname_creator=_trial_dirname,
+                ),
+                run_config=tune.RunConfig(
+                    name=sweep.spec.name, storage_path=storage.resolve(sweep.base.distributed.storage_path),
+                    failure_config=tune.FailureConfig(max_failures=sweep.spec.trial_retries),
+                    callbacks=[*([wandb] if wandb else []), TrialSummaryCallback(files, wandb),
+                               SharedStorageWatch(sweep.base.distributed.storage_path, checked_nodes), view],
+                    progress_reporter=_progress_reporter()),
+            )
+        started = time.time()
+        tuner.fit()  # on Ctrl-C Tune saves the experiment's state and returns early
+        names = {t.name for t in sweep.trials}
+        rows = read_trial_summaries(files.local) if (files.local / RESULTS_DIR).is_dir() else []
+        # an ERROR row from before this run belongs to a trial the resumed searcher handed out again: not ended yet
+        ended = len(names & {r.name for r in rows if r.status != "ERROR" or (r.ended_at or 0.0) >= started})
+        if rows:
+            con.result(write_report(files.local))
+            files.upload(REPORT_MD, REPORT_CSV, REPORT_PLOT)
+            if report_run := log_report_run(sweep.base.tracking, sweep.spec.name, files):
+                files.upload(report_run)
+        con.result(f"\nexperiment: {experiment_dir}\nreport: {files.describe()}\n"
+                   f"W&B offline runs, to upload: {sync_command(files.local)}"
+                   + (f"\nlog: {files.local / SWEEP_LOG}" if log else ""))
+        if not files.upload(*([SWEEP_LOG] if log else [])):
+            con.warn(f"some files are only in {files.local}; upload them to {experiment_dir} (e.g. aws s3 sync) "
+                     "or run launch.py report on the local copy")
     if ended < len(names):
         raise SweepInterrupted(f"sweep stopped with {len(names) - ended} of {len(names)} trials unfinished; "
                                f"continue it with: launch.py {spec_path} --resume")

@@ -1,0 +1,222 @@
+"""The sweep's live view: one line per trial event (start, evaluation, end, failure) and, on a terminal, a status
+block redrawn in place with each running trial's progress and the sweep's ETA.
+
+A Tune `Callback` on the driver: Tune hands it every result the trials report, so nothing is parsed. ETAs are
+rough on purpose: a trial's from its own iterations per second; the sweep's from the remaining iterations of every
+unfinished trial at the speed measured for trials of the same role and width, spread over the trials that can run
+at once.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune import Callback
+
+from msad import console
+from msad.console import duration
+
+
+@dataclass
+class PlannedTrial:
+    """What the view knows of a trial before it starts."""
+
+    name: str
+    kind: str  # (role, width): trials of one kind run at about the same speed
+    label: str  # "teacher w0.25 H128+L64", "student w0.25 L64 kd0.2 T3", "FCOS w0.25 L64"
+    iterations: int
+
+
+def planned_trial(tune_config: dict[str, Any]) -> PlannedTrial:
+    """A trial's label and length out of its Tune config (`msad.sweep.spec.TrialSpec.tune_config`)."""
+    role, width = tune_config["role"], tune_config["width"]
+    cfg = tune_config["msad"]
+    h = cfg["data"]["test_short_side"]
+    if role == "teacher":
+        label = f"teacher w{width:g} H{h}+L{h // 2}"
+    elif role == "student":
+        label = f"student w{width:g} L{h // 2} kd{tune_config['kd_alpha']:g} T{tune_config['kd_temperature']:g}"
+    else:
+        label = f"FCOS w{width:g} {tune_config.get('resolution') or 'H'}{h}"
+    return PlannedTrial(tune_config["trial_name"], f"{role}-{width:g}", label, int(cfg["train"]["iterations"]))
+
+
+@dataclass
+class TrialProgress:
+    plan: PlannedTrial
+    started: float
+    points: list[tuple[float, int]] = field(default_factory=list)  # (time, iteration): first and latest
+    loss: float | None = None
+    ap: float | None = None
+
+    @property
+    def iteration(self) -> int:
+        return self.points[-1][1] if self.points else 0
+
+    def seconds_per_iteration(self) -> float | None:
+        """From the first to the latest report (start-up excluded); from the start while only one came."""
+        if len(self.points) >= 2 and self.points[-1][1] > self.points[0][1]:
+            (t0, i0), (t1, i1) = self.points[0], self.points[-1]
+            return (t1 - t0) / (i1 - i0)
+        if self.points and self.points[-1][1] > 0:
+            return (self.points[-1][0] - self.started) / self.points[-1][1]
+        return None
+
+    def eta(self) -> float | None:
+        rate = self.seconds_per_iteration()
+        return None if rate is None else rate * max(0, self.plan.iterations - self.iteration)
+
+    def record(self, result: dict[str, Any]) -> None:
+        iteration = int(result.get("iteration", 0))
+        point = (time.time(), iteration)
+        self.points = [self.points[0], point] if self.points else [point]
+        if isinstance(result.get("loss_total"), (int, float)):
+            self.loss = float(result["loss_total"])
+        if isinstance(result.get("AP"), (int, float)):
+            self.ap = float(result["AP"])
+
+
+def short_reason(line: str) -> str:
+    """An error line without the run's path and module prefixes: 'rank 0: NonFiniteLossError: non-finite ...'."""
+    line = re.sub(r"^[\w.]*RunFailedError: run \S+ failed: ", "", line)
+    return re.sub(r"\b(?:[a-z_]\w*\.)+([A-Z]\w*(?:Error|Exception))\b", r"\1", line)
+
+
+def _error_file(trial: Any) -> str:
+    """The failed trial's traceback in the experiment's trial folder (Tune's error.txt; a URI on object stores)."""
+    return f"{trial.path}/error.txt"
+
+
+def _ap(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+class SweepView(Callback):
+    """Prints the sweep's progress on `msad.console.current()` (looked up at each call: a resumed sweep's callbacks
+    are unpickled in a new process, with a new console).
+
+    Args:
+        sweep_name: the sweep's name, for the header.
+        planned: every trial of the sweep, by name.
+        max_concurrent: the sweep's max_concurrent_trials (the sweep's ETA spreads the remaining work over them).
+    """
+
+    def __init__(self, sweep_name: str, planned: list[PlannedTrial], max_concurrent: int) -> None:
+        self.sweep_name = sweep_name
+        self.planned = {p.name: p for p in planned}
+        self.max_concurrent = max(1, max_concurrent)
+        self.running: dict[str, TrialProgress] = {}
+        self.ended: dict[str, str] = {}  # name -> "done" | "stopped" | "failed"
+        self.rates: dict[str, float] = {}  # kind -> seconds per iteration, latest measured
+        self.started = time.time()
+        self._drawn = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a resumed sweep: trials that were running start again; the clock restarts
+        return {**self.__dict__, "running": {}, "started": time.time(), "_drawn": 0.0}
+
+    # --- Tune's hooks -------------------------------------------------------------------------------------------
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        plan = planned_trial(trial.config)
+        self.planned.setdefault(plan.name, plan)
+        self.running[plan.name] = TrialProgress(plan, time.time())
+        self.ended.pop(plan.name, None)  # a re-run
+        self._say(f"start   {plan.name}  ({plan.label}, {plan.iterations} it)")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        progress = self.running.get(trial.config["trial_name"])
+        if progress is None or "best_checkpoint" in result:  # the trial's closing result: reported at its end
+            return
+        progress.record(result)
+        if (rate := progress.seconds_per_iteration()) is not None:
+            self.rates[progress.plan.kind] = rate
+        if "AP" in result:
+            self._say(f"eval    {progress.plan.name}  it {progress.iteration}/{progress.plan.iterations}  "
+                      f"AP {_ap(progress.ap)}  loss {_loss(progress.loss)}  trial ETA {duration(progress.eta())}  "
+                      f"sweep ETA ~{duration(self.sweep_eta())}")
+        self._draw()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        name = trial.config["trial_name"]
+        progress = self.running.pop(name, None)
+        result = trial.last_result or {}
+        took = duration(time.time() - progress.started) if progress else "?"
+        if result.get("best_checkpoint"):
+            self.ended[name] = "done"
+            interval = (f" [{_ap(result['AP_lo'])}, {_ap(result['AP_hi'])}]"
+                        if isinstance(result.get("AP_lo"), float) and isinstance(result.get("AP_hi"), float) else "")
+            self._say(f"done    {name}  AP {_ap(result.get('AP'))}{interval} in {took}  ({self._counts()})")
+        else:
+            self.ended[name] = "stopped"
+            self._say(f"stopped {name}  at it {result.get('iteration', '?')} by the scheduler (ASHA) in {took}  "
+                      f"({self._counts()})")
+        self._draw(force=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from msad.sweep.runner import error_line
+
+        name = trial.config["trial_name"]
+        self.running.pop(name, None)
+        self.ended[name] = "failed"
+        self._say(f"FAILED  {name}: {short_reason(error_line(trial))} (traceback: {_error_file(trial)})")
+        self._draw(force=True)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from msad.sweep.runner import error_line
+
+        name = trial.config["trial_name"]
+        self.running.pop(name, None)
+        self._say(f"retry   {name} (trial_retries): {short_reason(error_line(trial))}")
+
+    def on_step(self, iteration: int, trials: list, **info: Any) -> None:
+        self._draw()
+
+    # --- what is shown ------------------------------------------------------------------------------------------
+    def _counts(self) -> str:
+        done = sum(1 for s in self.ended.values() if s != "failed")
+        failed = len(self.ended) - done
+        pending = len(self.planned) - len(self.ended) - len(self.running)
+        return (f"{done}/{len(self.planned)} done, " + (f"{failed} failed, " if failed else "")
+                + f"{len(self.running)} running, {pending} pending")
+
+    def sweep_eta(self) -> float | None:
+        """Seconds until every trial has ended, roughly; None before any speed is known."""
+        if not self.rates:
+            return None
+        fallback = sum(self.rates.values()) / len(self.rates)
+        work = 0.0
+        for name, plan in self.planned.items():
+            if name in self.ended:
+                continue
+            progress = self.running.get(name)
+            rate = (progress.seconds_per_iteration() if progress else None) or self.rates.get(plan.kind, fallback)
+            work += rate * (plan.iterations - (progress.iteration if progress else 0))
+        unfinished = len(self.planned) - len(self.ended)
+        return work / max(1, min(self.max_concurrent, unfinished))
+
+    def status_lines(self) -> list[str]:
+        lines = [f"sweep {self.sweep_name}: {self._counts()}; elapsed {duration(time.time() - self.started)}, "
+                 f"ETA ~{duration(self.sweep_eta())}"]
+        for progress in self.running.values():
+            plan, done = progress.plan, progress.iteration / max(1, progress.plan.iterations)
+            bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+            lines.append(f"  {plan.name:<34} [{bar}] {progress.iteration}/{plan.iterations}  "
+                         f"loss {_loss(progress.loss)}  "
+                         f"AP {_ap(progress.ap)}  ETA {duration(progress.eta())}")
+        return lines
+
+    def _say(self, text: str) -> None:
+        console.current().event(f"[{console.stamp()}] {text}")
+
+    def _draw(self, force: bool = False) -> None:
+        if not console.current().tty or (not force and time.time() - self._drawn < 1.0):
+            return
+        self._drawn = time.time()
+        console.current().status(self.status_lines())
