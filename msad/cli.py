@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from msad import console
-from msad.errors import UserError
+from msad.errors import RunFailedError, UserError
 
 PROG = "launch.py"
 EXIT_USER_ERROR = 2
@@ -171,7 +171,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     with console.capture(args.verbose) as con:
         try:
-            result = fit(cfg, address=args.address, resume=args.resume, progress=True)
+            # an existing run of the same name and config is always continued: --resume changes nothing here
+            result = fit(cfg, address=args.address, progress=True)
             con.result(json.dumps(result.summary(), indent=2))
         finally:
             _stop_ray()  # inside the capture: Ray's goodbyes go to the log too
@@ -290,9 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return EXIT_USER_ERROR
-    except Exception as err:
-        if type(err).__name__ != "RunFailedError":  # a run that started and failed: one line, exit 1
-            raise
+    except RunFailedError as err:  # a run that started and failed: one line, exit 1
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return EXIT_RUN_FAILED
     except KeyboardInterrupt as interrupt:

@@ -20,7 +20,9 @@ import yaml
 from msad.errors import UserError
 
 WIDTHS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
-SUPPORTED_LOW_RES_SCALES: tuple[float, ...] = (0.5,)  # L's P(k) aligns with H's P(k+1) only at exactly half size
+# Keys that are no longer settings, with the only value they ever could have: older configs and checkpoints that
+# hold them still load; any other value is refused. L is half of H: L's P(k) aligns with H's P(k+1) only then.
+RETIRED_KEYS: dict[tuple[str, str], Any] = {("data", "low_res_scale"): 0.5}
 BASE_KEY = "_base_"
 
 
@@ -94,7 +96,6 @@ class DataConfig:
     train_short_sides: list[int] = field(default_factory=lambda: [256])  # H short side drawn per image
     test_short_side: int = 256  # H short side at evaluation
     max_size: int = 1333  # cap on the H long side
-    low_res_scale: float = 0.5  # L = H * scale
     low_res_mode: Literal["nearest", "antialias"] = "nearest"  # nearest = the original; antialias ~ a real camera
     size_divisibility: int = 256  # pad H to a multiple of this (256 keeps L's pyramid aligned with H's)
     hflip_prob: float = 0.5
@@ -451,8 +452,6 @@ def validate(cfg: Config) -> Config:
     if m.pretrained_format == "torchvision" and m.pretrained is not None:
         _check(m.width_list == [1.0], "model.width_list", m.width_list, "[1.0] with torchvision ResNet-50 weights")
 
-    _check(d.low_res_scale in SUPPORTED_LOW_RES_SCALES, "data.low_res_scale", d.low_res_scale,
-           f"{list(SUPPORTED_LOW_RES_SCALES)} (L's P(k) must align with H's P(k+1))")
     _check(bool(d.train_short_sides) and all(s >= 32 for s in d.train_short_sides), "data.train_short_sides",
            d.train_short_sides, "a non-empty list of sizes >= 32")
     _check(d.test_short_side >= 32, "data.test_short_side", d.test_short_side, "a size >= 32")
@@ -521,6 +520,13 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a Config from a plain (merged) dict."""
     if not isinstance(data, dict):
         raise UserError(f"config: expected a mapping of sections, got {type(data).__name__}")
+    data = dict(data)
+    for (section, key), only in RETIRED_KEYS.items():
+        if isinstance(data.get(section), dict) and key in data[section]:
+            if data[section][key] != only:
+                raise UserError(f"{section}.{key}: invalid value {data[section][key]!r}; it is no longer a setting "
+                                f"(always {only}: L is half of H, so that L's P(k) aligns with H's P(k+1))")
+            data[section] = {k: v for k, v in data[section].items() if k != key}
     return validate(build_typed(Config, data))
 
 
@@ -533,13 +539,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = load_yaml_with_bases(path) if path is not None else {}
     data = deep_merge(data, resolve_paths(parse_overrides(overrides or []), Path.cwd()))
     return absolute_config(config_from_dict(data))
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config (every key, defaults included) so a run can be reproduced from its directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
-

@@ -110,7 +110,7 @@ def test_every_trainable_parameter_gets_a_gradient_for_ddp() -> None:
 
 
 def _official_state_dict(source: SlimmableResNet50) -> dict[str, torch.Tensor]:
-    """Keys as NOTES.md documents the slimmable_networks file, filled from ``source``'s tensors."""
+    """Keys of the slimmable_networks ImageNet file (features.*, classifier.*), filled from ``source``'s tensors."""
     ours = source.state_dict()
     bn_fields = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     keys = ["features.0.0.weight"] + [f"features.0.1.bn.{i}.{f}" for i in range(4) for f in bn_fields]

@@ -26,7 +26,7 @@ def test_width_one_counts_like_torchvision_resnet50_trunk() -> None:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         trunk(torch.empty(1, 3, 224, 320, device="meta"))
     assert backbone_flops(1.0, 224, 320) == counter.get_total_flops()
-    assert round(backbone_flops(1.0, 800, 1333) / 1e9, 1) == 174.7  # NOTES.md
+    assert round(backbone_flops(1.0, 800, 1333) / 1e9, 1) == 174.7  # ResNet-50 at 800 x 1333: 87.3 GMACs
 
 
 def test_capacity_matches_the_published_column() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from msad.config import Config, check_ready_to_train, load_config, parse_overrides, save_config
+from msad.config import Config, check_ready_to_train, config_from_dict, load_config, parse_overrides
 from msad.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ def write(path: Path, text: str) -> Path:
 def test_defaults_are_valid() -> None:
     cfg = load_config()
     assert isinstance(cfg, Config)
-    assert cfg.model.width == 0.25 and cfg.data.low_res_scale == 0.5 and cfg.train.kd_alpha == 0.2
+    assert cfg.model.width == 0.25 and cfg.train.kd_alpha == 0.2
 
 
 def test_chain_of_two_bases_with_relative_paths(tmp_path: Path) -> None:
@@ -89,7 +89,7 @@ def test_overrides_beat_files(tmp_path: Path) -> None:
         (["train.role=teacherr"], "train.role: invalid value 'teacherr'; expected one of 'teacher', 'student', 'fcos'"),
         (["model.width=0.3"], "model.width: invalid value 0.3; allowed: one of model.width_list [0.25, 0.5, 0.75"),
         (["model.width_list=[0.25, 0.6]"], "model.width_list: invalid value [0.25, 0.6]; allowed: a non-empty list"),
-        (["data.low_res_scale=0.25"], "data.low_res_scale: invalid value 0.25; allowed: [0.5]"),
+        (["data.low_res_scale=0.25"], "data.low_res_scale: invalid value 0.25; it is no longer a setting"),
         (["train.base_lr=-0.01"], "train.base_lr: invalid value -0.01; allowed: a number > 0"),
         (["train.lr_steps=[250, 100]"], "train.lr_steps: invalid value [250, 100]; allowed: increasing iterations"),
         (["train.amp=fp16"], "train.amp: invalid value 'fp16'; allowed: 'off' or 'bf16' unless distributed.use_gpu"),
@@ -145,11 +145,18 @@ def test_parse_overrides_conflict() -> None:
 
 
 def test_saved_config_round_trips(tmp_path: Path) -> None:
+    """What runs and checkpoints store (`Config.to_dict()` as YAML) loads back as the same config."""
     cfg = load_config(None, ["train.kd_alpha=0.7", "model.fpn_channels=64"])
-    save_config(cfg, tmp_path / "run" / "config.yaml")
-    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert saved["train"]["kd_alpha"] == 0.7
-    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["kd_alpha"] == 0.7
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_a_retired_key_at_its_only_value_still_loads() -> None:
+    """Configs and checkpoints written when data.low_res_scale was a key (always 0.5) load unchanged."""
+    old = load_config(None, ["train.kd_alpha=0.7"]).to_dict()
+    old["data"]["low_res_scale"] = 0.5
+    assert config_from_dict(old) == load_config(None, ["train.kd_alpha=0.7"])
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)

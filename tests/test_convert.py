@@ -20,7 +20,7 @@ from msad.models.teacher import MSADTeacher
 # head_convs=4: the original's tower layout (convs 0/3/6/9, GroupNorms 1/4/7/10).
 TINY = {"width": 0.25, "fpn_channels": 32, "num_classes": 3, "head_convs": 4, "gn_groups": 8}
 
-# Ours -> original, written from the names in NOTES.md (the inverse of what the converter does).
+# Ours -> original, from the original Detectron2 checkpoint's key names (the inverse of what the converter does).
 _TO_ORIGINAL = (
     (r"backbone\.(features\..+)", r"{p}_backbone.bottom_up.\1"),
     (r"pyramid\.lateral\.(\d)\.(.+)", r"{p}_backbone.fpn_lateral\1.\2"),

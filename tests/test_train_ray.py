@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from msad.engine.checkpoint import load_checkpoint, save_checkpoint
-from msad.engine.trainer import RunFailedError, fit, prepare_run
-from msad.errors import UserError
+from msad.engine.trainer import fit, prepare_run
+from msad.errors import RunFailedError, UserError
 
 
 def test_teacher_two_workers_reports_metrics_and_checkpoints(teacher_run) -> None:

@@ -26,16 +26,10 @@ from msad.config import Config, check_ready_to_train, config_from_dict
 from msad.engine import storage
 from msad.engine.checkpoint import CHECKPOINT_FILE, check_teacher_for_student, checkpoint_config, load_checkpoint
 from msad.engine.gpu import PreflightTorchConfig, gpu_error_line
-from msad.errors import UserError
+from msad.errors import RunFailedError, UserError
 
 CONFIG_FILE = "config.yaml"
 FINAL_METRICS_FILE = "final_metrics.json"
-
-
-class RunFailedError(Exception):
-    """A run that started but did not finish; the message is one line saying why, `details` the tracebacks."""
-
-    details: str = ""
 
 
 @dataclass
@@ -231,7 +225,7 @@ def _local_log_file(run_dir: str, run_name: str) -> Path:
     return (Path("runs") / run_name if storage.is_uri(run_dir) else Path(run_dir)) / TRAIN_LOG
 
 
-def fit(cfg: Config, address: str | None = None, resume: bool = False,
+def fit(cfg: Config, address: str | None = None,
         fail_once_at: tuple[int, Path] | None = None, callbacks: list[Any] | None = None,
         check_storage: bool = True, progress: bool = False) -> RunResult:
     """Run one training with Ray Train. Re-running the same run_name (same config) resumes from its checkpoints.
@@ -239,7 +233,6 @@ def fit(cfg: Config, address: str | None = None, resume: bool = False,
     Args:
         cfg: validated config.
         address: Ray cluster address; None starts a local Ray.
-        resume: accepted for symmetry with sweeps; an existing run is always continued.
         fail_once_at: fault injection for tests (see msad.engine.loop.run_training).
         callbacks: Ray Train callbacks (a sweep passes Tune's TuneReportCallback).
         check_storage: check that every node sees distributed.storage_path (a sweep checks once for all trials).

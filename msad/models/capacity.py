@@ -5,7 +5,7 @@ Capacity is backbone FLOPs relative to the width-1.0 backbone on an 800 x 1333 i
 on meta tensors (shapes only, no arithmetic, so a whole detector counts in well under a second); like that
 counter, a FLOP is a multiply or an add (2 x MACs) and only convs and matmuls are counted (norms, activations and
 pooling are not). The stem conv keeps 3 input channels at every width, so measured capacities sit slightly above
-the paper's w^2 rule at small widths (NOTES.md).
+the paper's w^2 rule at small widths (width 0.25: 0.0625 by the rule, 0.068 counted).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from functools import cache
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from msad.models.detector import HIGH_LEVELS, LOW_LEVELS
 from msad.models.fcos import FCOSHead
 from msad.models.fpn import FeaturePyramid
 from msad.models.slimmable import WIDTHS, SlimmableResNet50
@@ -27,8 +28,6 @@ HIGH_RESOLUTION: tuple[int, int] = (800, 1333)
 LOW_RESOLUTION: tuple[int, int] = (math.ceil(HIGH_RESOLUTION[0] / 2), math.ceil(HIGH_RESOLUTION[1] / 2))
 FPN_CHANNELS = 256
 NUM_CLASSES = 80  # COCO
-H_LEVELS = ("p3", "p4", "p5", "p6", "p7")  # the teacher's H pass
-L_LEVELS = ("p2", "p3", "p4", "p5", "p6")  # the teacher's L pass and the student
 
 # The paper's capacity column: width -> (teacher "H & L", student "L").
 PUBLISHED_CAPACITY: dict[float, tuple[float, float]] = {
@@ -85,31 +84,34 @@ def backbone_flops(width: float, height: int, width_px: int) -> int:
 
 
 @cache
-def detector_flops(width: float, role: str) -> int:
-    """FLOPs of the whole detector of ``role`` per image at 800 x 1333 (H) / 400 x 667 (L).
+def detector_flops(width: float, role: str, high: tuple[int, int] = HIGH_RESOLUTION) -> int:
+    """FLOPs of the whole detector of ``role`` per image: H of size ``high`` (800 x 1333 by default), L half of it.
 
     The teacher runs backbone + FPN on H (P3..P7) and on L (P2..P6) and the head on H, L and the fused levels
     (fused maps have H's shapes; the fusion's two tiny linear layers per level are left out, ~0.1 MFLOP). The
-    student runs backbone + FPN on L (P2..P6) and the head once.
+    student runs backbone + FPN on L (P2..P6) and the head once; a plain FCOS the same on H (P3..P7).
 
     Args:
-        width: backbone width multiplier (FPN and head stay at 256 channels).
-        role: "teacher" or "student".
+        width: backbone width multiplier (FPN and head stay at 256 channels, 80 classes).
+        role: "teacher", "student" or "fcos".
+        high: H image size (height, width); L is half of it, rounded up.
     """
-    if role not in ("teacher", "student"):
-        raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+    if role not in ("teacher", "student", "fcos"):
+        raise ValueError(f"role must be 'teacher', 'student' or 'fcos', got {role!r}")
+    low = (math.ceil(high[0] / 2), math.ceil(high[1] / 2))
+    # (image size, pyramid levels, head applications) per backbone pass
+    passes = {"teacher": [(low, LOW_LEVELS, 1), (high, HIGH_LEVELS, 2)], "student": [(low, LOW_LEVELS, 1)],
+              "fcos": [(high, HIGH_LEVELS, 1)]}[role]
     with torch.device("meta"):
         backbone = SlimmableResNet50(width, width_list=(width,)).eval()
         fpn = FeaturePyramid(backbone.out_channels(), FPN_CHANNELS)
         head = FCOSHead(FPN_CHANNELS, NUM_CLASSES)
 
     def run() -> None:
-        low = list(fpn(backbone(_image(LOW_RESOLUTION)), L_LEVELS).values())
-        head(low)
-        if role == "teacher":
-            high = list(fpn(backbone(_image(HIGH_RESOLUTION)), H_LEVELS).values())
-            head(high)
-            head(high)  # the fused branch: same shapes as H's levels
+        for size, levels, head_calls in passes:
+            features = list(fpn(backbone(_image(size)), levels).values())
+            for _ in range(head_calls):  # the teacher's fused branch: same shapes as H's levels
+                head(features)
 
     return _count_flops(run)
 

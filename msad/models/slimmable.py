@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msad.config import WIDTHS
 from msad.errors import UserError
-
-WIDTHS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 
 # (output name, bottleneck blocks, output channels at width 1.0, stride of the stage's first block).
 _STAGES: tuple[tuple[str, int, int, int], ...] = (

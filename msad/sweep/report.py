@@ -24,7 +24,6 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,42 +77,19 @@ def _check_role(role: str) -> None:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
 
 
-@cache
 def detector_gflops(width: float, role: str, high: tuple[int, int]) -> float:
-    """GFLOPs of the whole detector of `role` for one H image of size `high` (and its half-size L).
-
-    The passes are those of `msad.models.capacity.detector_flops` (which is fixed to 800 x 1333): teacher =
-    backbone + FPN on H (P3..P7) and L (P2..P6) and the head on H, L and the fused levels; student = L only;
-    FCOS baseline = H only, head once. FPN and head at the paper's 256 channels and 80 classes.
+    """GFLOPs of the whole detector of `role` for one H image of size `high` (and its half-size L): see
+    `msad.models.capacity.detector_flops` (FPN and head at the paper's 256 channels and 80 classes).
 
     Args:
         width: backbone width multiplier.
         role: "teacher", "student" or "fcos".
-        high: H image size (height, width); L is half of it, rounded up.
+        high: H image size (height, width).
     """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from msad.models.capacity import FPN_CHANNELS, H_LEVELS, L_LEVELS, NUM_CLASSES
-    from msad.models.fcos import FCOSHead
-    from msad.models.fpn import FeaturePyramid
-    from msad.models.slimmable import SlimmableResNet50
+    from msad.models.capacity import detector_flops
 
     _check_role(role)
-    low = (math.ceil(high[0] / 2), math.ceil(high[1] / 2))
-    # (image size, pyramid levels, head applications) per backbone pass
-    passes = {"teacher": [(low, L_LEVELS, 1), (high, H_LEVELS, 2)], "student": [(low, L_LEVELS, 1)],
-              "fcos": [(high, H_LEVELS, 1)]}[role]
-    with torch.device("meta"):  # shapes only: counting a whole detector takes well under a second
-        backbone = SlimmableResNet50(width, width_list=(width,)).eval()
-        pyramid = FeaturePyramid(backbone.out_channels(), FPN_CHANNELS)
-        head = FCOSHead(FPN_CHANNELS, NUM_CLASSES)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        for size, levels, head_calls in passes:
-            features = list(pyramid(backbone(torch.empty(1, 3, *size, device="meta")), levels).values())
-            for _ in range(head_calls):
-                head(features)
-    return counter.get_total_flops() / 1e9
+    return detector_flops(width, role, tuple(high)) / 1e9
 
 
 def backbone_capacity(role: str, width: float, h_short_side: int, max_size: int) -> float:
