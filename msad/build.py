@@ -13,6 +13,7 @@ from torch import nn
 
 from msad.config import Config, DataConfig, ModelConfig
 from msad.data.coco import CocoDetection
+from msad.data.coco_cache import default_cache_dir
 from msad.data.shapes import ShapesSpec, ensure_shapes_dataset
 from msad.data.transforms import eval_transform, train_transform
 from msad.errors import UserError
@@ -52,17 +53,26 @@ def resolve_data_paths(data: DataConfig) -> DataPaths:
                      generated.val_annotations)
 
 
+def annotation_cache_dir(data: DataConfig) -> Path:
+    """Where the annotation caches go (`msad.data.coco_cache`): beside the built-in dataset, in its cache folder;
+    for COCO files, $MSAD_CACHE/coco_index (node-local: the first worker of a node builds, the others map it)."""
+    if data.dataset == "shapes":
+        return Path(data.shapes.cache_dir).expanduser() / "coco_index"
+    return default_cache_dir()
+
+
 def build_train_dataset(cfg: Config, paths: DataPaths) -> CocoDetection:
     d = cfg.data
     return CocoDetection(paths.train_images, paths.train_annotations,
                          train_transform(d.train_short_sides, d.max_size, d.hflip_prob, d.input_format),
-                         drop_images_without_boxes=d.drop_train_images_without_boxes)
+                         drop_images_without_boxes=d.drop_train_images_without_boxes, cache_dir=annotation_cache_dir(d))
 
 
 def build_val_dataset(cfg: Config, paths: DataPaths) -> CocoDetection:
     d = cfg.data
     return CocoDetection(paths.val_images, paths.val_annotations,
-                         eval_transform(d.test_short_side, d.max_size, d.input_format))
+                         eval_transform(d.test_short_side, d.max_size, d.input_format),
+                         cache_dir=annotation_cache_dir(d))
 
 
 def check_num_classes(cfg: Config, dataset: CocoDetection) -> None:

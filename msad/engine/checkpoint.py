@@ -7,7 +7,6 @@ beside it; a truncated or altered file fails that check and is reported as corru
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from msad.config import Config, config_from_dict
 from msad.engine import storage
 from msad.errors import UserError
+from msad.files import file_sha256
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -25,14 +25,6 @@ DIGEST_SUFFIX = ".sha256"
 
 class CorruptCheckpointError(UserError):
     """The file exists but cannot be trusted: digest mismatch, truncated archive, or missing fields."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_write(path: Path, writer: Any) -> None:
@@ -48,7 +40,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _fsync_write(tmp, lambda f: torch.save(state, f))
-    digest = _sha256(tmp)
+    digest = file_sha256(tmp)
     tmp_digest = path.with_name(f".{path.name}{DIGEST_SUFFIX}.tmp-{os.getpid()}")
     _fsync_write(tmp_digest, lambda f: f.write(f"{digest}  {path.name}\n".encode()))
     os.replace(tmp, path)
@@ -68,7 +60,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     digest_file = path.with_name(path.name + DIGEST_SUFFIX)
     if digest_file.is_file():
         expected = digest_file.read_text().split()[0]
-        if _sha256(path) != expected:
+        if file_sha256(path) != expected:
             raise CorruptCheckpointError(f"{path}: corrupt checkpoint (SHA-256 differs from {digest_file.name})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -21,8 +21,16 @@ import torch
 import yaml
 
 from msad import console
-from msad.build import DataPaths, build_model, build_val_dataset, check_num_classes, resolve_data_paths
+from msad.build import (
+    DataPaths,
+    annotation_cache_dir,
+    build_model,
+    build_val_dataset,
+    check_num_classes,
+    resolve_data_paths,
+)
 from msad.config import Config, check_ready_to_train, config_from_dict
+from msad.data.coco_cache import load_annotations
 from msad.engine import storage
 from msad.engine.checkpoint import CHECKPOINT_FILE, check_teacher_for_student, checkpoint_config, load_checkpoint
 from msad.engine.gpu import PreflightTorchConfig, gpu_error_line
@@ -181,6 +189,9 @@ def prepare_run(cfg: Config) -> tuple[DataPaths, str]:
         check_teacher_for_student(cfg)
     paths = resolve_data_paths(cfg.data)
     check_num_classes(cfg, build_val_dataset(cfg, paths))
+    # the training annotations' cache, built here once (COCO train: 17 s, 2.3 GB) so that the workers on this node
+    # only map it; workers on other nodes build their node's copy, one per node, under a file lock
+    load_annotations(paths.train_annotations, annotation_cache_dir(cfg.data))
     run_dir = storage.join(storage.resolve(cfg.distributed.storage_path), cfg.distributed.run_name)
     saved = storage.join(run_dir, CONFIG_FILE)
     if storage.exists(saved):
