@@ -129,8 +129,9 @@ class TrainConfig:
     sync_bn: bool = True
     checkpoint_period: int = 100  # iterations between checkpoints
     eval_period: int = 0  # iterations between evaluations; 0 = only at the end
-    # resamples of the validation images for 95 % intervals of AP, AP50, APs at every evaluation (paired across
-    # models in the report); 0 = off. About 0.2 s per evaluation on 64 images (benchmarks/RESULTS.md for COCO)
+    # resamples of the validation images for 95 % intervals of AP, AP50, APs at the run's final evaluation (paired
+    # across models in the report; earlier evaluations are point estimates); 0 = off. About 0.2 s on 64 images,
+    # 100 resamples about 50 s over plain COCOeval on 5,000 (benchmarks/RESULTS.md)
     bootstrap_samples: int = 500
     keep_checkpoints: int = 2  # last-K checkpoints kept, besides the best by AP
     log_period: int = 10  # iterations between metric reports

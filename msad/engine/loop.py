@@ -153,9 +153,9 @@ def with_batch_norm_sync(model: nn.Module, cfg: Config, device: torch.device, wo
 
 def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerContext,
              output_json: Path | None = None, branch: str = "fused",
-             bootstrap_json: Path | None = None) -> dict[str, float]:
-    """COCO box AP of `model` on `dataset`, with bootstrap intervals (`train.bootstrap_samples`); inference is split
-    across workers and gathered on rank 0.
+             bootstrap_json: Path | None = None, intervals: bool = True) -> dict[str, float]:
+    """COCO box AP of `model` on `dataset`, with bootstrap intervals (`train.bootstrap_samples`) unless `intervals`
+    is False; inference is split across workers and gathered on rank 0.
 
     Batches hold images of one padded size (`same_padding_batches`), so every image's detections are what it gets
     alone, whatever the batch size. Every rank returns the same metrics (rank 0 broadcasts them). Rank 0 writes
@@ -185,7 +185,8 @@ def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerC
     metrics: list[Any] = [None]
     if ctx.rank == 0:
         metrics[0] = coco_evaluate(dataset.coco, results, image_ids=dataset.image_ids, output_json=output_json,
-                                   bootstrap_samples=cfg.train.bootstrap_samples, bootstrap_json=bootstrap_json)
+                                   bootstrap_samples=cfg.train.bootstrap_samples if intervals else 0,
+                                   bootstrap_json=bootstrap_json)
     if ctx.world_size > 1:
         dist.broadcast_object_list(metrics, src=0)
     module.train(was_training)
@@ -193,17 +194,18 @@ def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerC
 
 
 def _evaluate_branches(model: nn.Module, val_set: CocoDetection, cfg: Config, ctx: WorkerContext,
-                       out: Path | None) -> dict[str, float]:
+                       out: Path | None, final: bool) -> dict[str, float]:
     """The model's metrics; a fusing teacher's H branch too ("H_" keys), so the report can tell what C-FF adds.
-    Rank 0 writes detections and bootstrap replicates into `out` (see RESULTS_FILE, BOOTSTRAP_FILE)."""
+    Rank 0 writes detections and, at the `final` evaluation (the one the report pairs), bootstrap replicates into
+    `out` (see RESULTS_FILE, BOOTSTRAP_FILE); earlier ones are point estimates (the fast evaluator, no resampling)."""
     def files(suffix: str) -> dict[str, Path | None]:
         return {"output_json": out / RESULTS_FILE.replace(".json", f"{suffix}.json") if out else None,
                 "bootstrap_json": out / BOOTSTRAP_FILE.replace(".json", f"{suffix}.json") if out else None}
 
-    metrics = evaluate(model, val_set, cfg, ctx, **files(""))
+    metrics = evaluate(model, val_set, cfg, ctx, intervals=final, **files(""))
     module = unwrap(model)
     if isinstance(module, MSADTeacher) and module.fusion is not None:
-        high = evaluate(model, val_set, cfg, ctx, branch="high", **files(HIGH_BRANCH_SUFFIX))
+        high = evaluate(model, val_set, cfg, ctx, branch="high", intervals=final, **files(HIGH_BRANCH_SUFFIX))
         metrics.update({f"{HIGH_BRANCH_PREFIX}{k}": v for k, v in high.items()})
     return metrics
 
@@ -348,7 +350,7 @@ def _report(metrics: dict[str, Any], save_now: bool, is_last: bool, model: nn.Mo
     with tempfile.TemporaryDirectory(prefix="msad-ckpt-") as tmp:
         out = Path(tmp)
         if due:
-            metrics.update(_evaluate_branches(model, val_set, cfg, ctx, out if ctx.rank == 0 else None))
+            metrics.update(_evaluate_branches(model, val_set, cfg, ctx, out if ctx.rank == 0 else None, is_last))
             metrics["latest_AP"] = metrics["AP"]
             state.best_ap = max(state.best_ap, metrics["AP"])
         # Ray keeps the best checkpoints by this score plus always the latest; unevaluated ones rank last. Not NaN:
