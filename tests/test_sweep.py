@@ -40,6 +40,7 @@ def two_widths(ray_session: None, tmp_path_factory: pytest.TempPathFactory, shap
         "students": {"variants": [{"model.width": 0.25, "train.kd_alpha": 0.0},
                                   {"model.width": 0.25, "train.kd_alpha": 0.2}, {"model.width": 0.75}]},
         "max_concurrent_trials": 4,  # the three teachers and the baseline at once
+        "trial_retries": 1,  # the diverging teacher is retried once (shown as a retry), then fails for good
     })
     with pytest.MonkeyPatch.context() as mp, terminal_to_file(tmp / "terminal.txt"):
         mp.setenv("WANDB_API_KEY", CANARY)  # in the driver's environment while the sweep runs: must be written nowhere

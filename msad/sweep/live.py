@@ -19,6 +19,8 @@ from ray.tune import Callback
 from msad import console
 from msad.console import duration
 
+HEARTBEAT_S = 60.0  # off a terminal, a running trial's progress line comes at most this often
+
 
 @dataclass
 class PlannedTrial:
@@ -51,6 +53,7 @@ class TrialProgress:
     points: list[tuple[float, int]] = field(default_factory=list)  # (time, iteration): first and latest
     loss: float | None = None
     ap: float | None = None
+    said: tuple[float, int] = (0.0, 0)  # (time, tenth of the run) of its latest line off a terminal
 
     @property
     def iteration(self) -> int:
@@ -126,7 +129,7 @@ class SweepView(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         plan = planned_trial(trial.config)
         self.planned.setdefault(plan.name, plan)
-        self.running[plan.name] = TrialProgress(plan, time.time())
+        self.running[plan.name] = TrialProgress(plan, time.time(), said=(time.time(), 0))
         self.ended.pop(plan.name, None)  # a re-run
         self._say(f"start   {plan.name}  ({plan.label}, {plan.iterations} it)")
 
@@ -137,10 +140,19 @@ class SweepView(Callback):
         progress.record(result)
         if (rate := progress.seconds_per_iteration()) is not None:
             self.rates[progress.plan.kind] = rate
+        tenth = 10 * progress.iteration // max(1, progress.plan.iterations)
         if "AP" in result:
             self._say(f"eval    {progress.plan.name}  it {progress.iteration}/{progress.plan.iterations}  "
                       f"AP {_ap(progress.ap)}  loss {_loss(progress.loss)}  trial ETA {duration(progress.eta())}  "
                       f"sweep ETA ~{duration(self.sweep_eta())}")
+            progress.said = (time.time(), tenth)
+        elif (not console.current().tty and tenth > progress.said[1]
+              and time.time() - progress.said[0] >= HEARTBEAT_S):
+            # off a terminal (no status block): a line per tenth of a long trial, at most one a minute
+            self._say(f"running {progress.plan.name}  it {progress.iteration}/{progress.plan.iterations}  "
+                      f"loss {_loss(progress.loss)}  trial ETA {duration(progress.eta())}  "
+                      f"sweep ETA ~{duration(self.sweep_eta())}")
+            progress.said = (time.time(), tenth)
         self._draw()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
