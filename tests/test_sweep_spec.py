@@ -247,8 +247,13 @@ def test_asha_never_stops_the_student_without_distillation() -> None:
     good, worse, plain = (SimpleNamespace(trial_id=name, config={"role": "student", "kd_alpha": alpha},
                                           is_finished=lambda: False)
                           for name, alpha in (("good", 0.2), ("worse", 0.8), ("plain", 0.0)))
-    for trial in (good, worse, plain):
+    teacher = SimpleNamespace(trial_id="teacher", config={"role": "teacher"}, is_finished=lambda: False)
+    for trial in (teacher, good, worse, plain):
         asha.on_trial_add(None, trial)
+    # a teacher far ahead at the rung: never stopped, and not in the rung (else "good" would be stopped below)
+    assert asha.on_trial_result(None, teacher, {"iteration": 2, "AP": 0.9}) == TrialScheduler.CONTINUE
+    asha.on_trial_complete(None, teacher, {"iteration": 10, "AP": 0.9})
+    asha.on_trial_remove(None, teacher)
     assert asha.on_trial_result(None, good, {"iteration": 2, "AP": 0.5}) == TrialScheduler.CONTINUE
     assert asha.on_trial_result(None, worse, {"iteration": 2, "AP": 0.1}) == TrialScheduler.STOP
     assert asha.on_trial_result(None, plain, {"iteration": 2, "AP": 0.1}) == TrialScheduler.CONTINUE

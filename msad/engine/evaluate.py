@@ -14,7 +14,6 @@ import contextlib
 import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from faster_coco_eval import COCOeval_faster
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from msad.engine import storage
 from msad.engine.bootstrap import BOOTSTRAP_METRICS, SEED, Replicates, bootstrap, image_set_digest
 
 # COCOeval.stats indices of the box metrics reported (AP over IoU 0.5:0.95, at 0.5, at 0.75, by object area).
@@ -137,7 +137,4 @@ def _interval_metrics(replicates: Replicates) -> dict[str, float]:
 
 
 def _write_json_atomically(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial")
-    staging.write_text(json.dumps(payload))
-    os.replace(staging, path)
+    storage.write_bytes(str(path), json.dumps(payload).encode())  # temp file + rename

@@ -228,6 +228,7 @@ def _worker_error_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
+TRAIN_POLL_ENV_VAR, TRAIN_POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 TRAIN_LOG = "train.log"  # beside the run's checkpoints: everything the progress bar does not show
 
 
@@ -257,6 +258,10 @@ def fit(cfg: Config, address: str | None = None,
 
     paths, run_dir = prepare_run(cfg)
     init_ray(address)
+    # Train V2's controller collects the workers' reports at each health-check poll (default every 2 s) and workers
+    # wait in ray.train.report until it does: 0.5 s made a 6-step, report-every-step test run 1.6x faster (49.9 s ->
+    # 31.4 s). Train passes the variable from this process to its controller and workers; the user's value wins.
+    os.environ.setdefault(TRAIN_POLL_ENV_VAR, TRAIN_POLL_INTERVAL_S)
     if check_storage:
         check_shared_storage(cfg.distributed.storage_path)
     log = console.keep_log(_local_log_file(run_dir, cfg.distributed.run_name)) if progress else None

@@ -21,12 +21,12 @@ import csv
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from msad.engine import storage
 from msad.errors import UserError
 
 if TYPE_CHECKING:
@@ -305,12 +305,8 @@ def write_trial_summary(experiment_dir: str | Path, summary: TrialSummary) -> Pa
         raise ValueError(f"trial {summary.name}: status {summary.status!r} is not final ({', '.join(FINAL_STATUSES)})")
     if not summary.name or "/" in summary.name or summary.name.startswith("."):
         raise ValueError(f"trial name {summary.name!r} cannot be a file name")
-    results = Path(experiment_dir) / RESULTS_DIR
-    results.mkdir(parents=True, exist_ok=True)
-    path = results / f"{summary.name}.json"
-    tmp = results / f".{summary.name}.{os.getpid()}.tmp"
-    tmp.write_text(summary.to_json())
-    os.replace(tmp, path)
+    path = Path(experiment_dir) / RESULTS_DIR / f"{summary.name}.json"
+    storage.write_bytes(str(path), summary.to_json().encode())  # temp file + rename: readers never see half a row
     return path
 
 
@@ -536,7 +532,5 @@ def write_report(experiment_dir: Path) -> str:
     plot_ap_vs_capacity(summaries, experiment_dir / REPORT_PLOT, title=experiment_dir.name)
     markdown = (f"# {experiment_dir.name}\n\n{table}\n\n{_notes(summaries)}\n\n"
                 f"![AP vs capacity]({REPORT_PLOT})\n")
-    tmp = experiment_dir / f".{REPORT_MD}.tmp"
-    tmp.write_text(markdown)
-    os.replace(tmp, experiment_dir / REPORT_MD)
+    storage.write_bytes(str(experiment_dir / REPORT_MD), markdown.encode())
     return table

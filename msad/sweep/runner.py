@@ -188,17 +188,28 @@ class StudentASHA(AsyncHyperBandScheduler):
     A student without distillation (`kd_alpha: 0`) enters the rungs (students behind it are stopped) but is never
     stopped itself: the report compares every student with it, so it must reach the end."""
 
+    # Every hook that touches ASHA's brackets skips teachers and baselines: they never enter them.
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if _is_student(trial):
+            super().on_trial_add(tune_controller, trial)
+
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        if trial.config.get("role") != "student":
+        if not _is_student(trial):
             return TrialScheduler.CONTINUE
         decision = super().on_trial_result(tune_controller, trial, result)
         return TrialScheduler.CONTINUE if trial.config.get("kd_alpha") == 0 else decision
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-        if trial.config.get("role") != "student":
-            self._trial_info.pop(trial.trial_id, None)
-            return
-        super().on_trial_complete(tune_controller, trial, result)
+        if _is_student(trial):
+            super().on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        if _is_student(trial):
+            super().on_trial_remove(tune_controller, trial)
+
+
+def _is_student(trial: Any) -> bool:
+    return trial.config.get("role") == "student"
 
 
 def make_scheduler(sweep: Sweep) -> TrialScheduler:
