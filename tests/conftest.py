@@ -28,6 +28,10 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "msad-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "msad-test")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# Fault injection (msad.engine.loop._inject_fault) reads this in the Train workers, whose environment is the one Ray
+# started with: set before the session's Ray starts. Tests drop `<run_name>.fail-at-<iteration>` files into it.
+FAULT_DIR = Path(os.environ.setdefault("MSAD_FAULT_DIR", f"/tmp/msad-faults-{os.getpid()}"))
+FAULT_DIR.mkdir(parents=True, exist_ok=True)
 torch.manual_seed(0)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAULT_DIR
 
 from msad.engine.checkpoint import load_checkpoint, save_checkpoint
 from msad.engine.trainer import fit, prepare_run
@@ -70,8 +71,10 @@ def test_one_worker_batch_4_matches_two_workers_batch_2(tiny_config, ray_session
 def test_worker_failure_restarts_from_last_checkpoint(tiny_config, ray_session: None, tmp_path: Path,
                                                      shapes_cache: Path) -> None:
     cfg = tiny_config(tmp_path, shapes_cache, "fcos", "faulty", "distributed.max_failures=1", "train.eval_period=0")
-    result = fit(cfg, fail_once_at=(5, tmp_path / "failed-once"))
-    assert (tmp_path / "failed-once").exists()
+    fault = FAULT_DIR / "faulty.fail-at-5"
+    fault.touch()  # the worker raises at iteration 5, once
+    result = fit(cfg)
+    assert not fault.exists()  # it did
     state = load_checkpoint(result.checkpoint)
     assert state["iteration"] == 6
     assert state["resumed_from"] == [4]  # failed at 5, lost one iteration (< one checkpoint interval)
@@ -80,8 +83,9 @@ def test_worker_failure_restarts_from_last_checkpoint(tiny_config, ray_session: 
 def test_interrupted_run_resumes_and_skips_a_corrupt_checkpoint(tiny_config, ray_session: None, tmp_path: Path,
                                                                 shapes_cache: Path) -> None:
     cfg = tiny_config(tmp_path, shapes_cache, "fcos", "again", "train.eval_period=0", "train.keep_checkpoints=3")
+    (FAULT_DIR / "again.fail-at-5").touch()
     with pytest.raises(RunFailedError, match="injected failure at iteration 5"):
-        fit(cfg, fail_once_at=(5, tmp_path / "crash"))
+        fit(cfg)
     run_dir = tmp_path / "again"
     latest = run_dir / "checkpoint_0000004" / "checkpoint.pt"
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated, as a crash during a copy would leave it

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -210,6 +211,23 @@ def _evaluate_branches(model: nn.Module, val_set: CocoDetection, cfg: Config, ct
     return metrics
 
 
+FAULT_DIR_ENV_VAR = "MSAD_FAULT_DIR"  # tests only: see _inject_fault
+
+
+def _inject_fault(run_name: str, iteration: int) -> None:
+    """Fault injection from outside, for tests of restarts: when the workers' environment names a folder in
+    MSAD_FAULT_DIR and it holds `<run_name>.fail-at-<iteration>`, the worker that removes that file raises (once:
+    the file is gone for the restarted workers). Unset in every real run: one dictionary lookup per step."""
+    folder = os.environ.get(FAULT_DIR_ENV_VAR)
+    if not folder:
+        return
+    try:
+        (Path(folder) / f"{run_name}.fail-at-{iteration}").unlink()
+    except FileNotFoundError:
+        return
+    raise RuntimeError(f"injected failure at iteration {iteration}")
+
+
 def _restore(ctx: WorkerContext) -> tuple[dict[str, Any] | None, Path | None]:
     """Newest readable checkpoint; a corrupt one is skipped with a warning naming it."""
     for candidate in ctx.restore_candidates():
@@ -220,16 +238,13 @@ def _restore(ctx: WorkerContext) -> tuple[dict[str, Any] | None, Path | None]:
     return None, None
 
 
-def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext,
-                 fail_once_at: tuple[int, Path] | None = None) -> TrainState:
+def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext) -> TrainState:
     """Train `cfg.train.role` for `cfg.train.iterations`, reporting metrics and checkpoints through `ctx`.
 
     Args:
         cfg: the run's validated config.
         data_paths: dataset files (resolved once by the driver, so workers never generate data concurrently).
         ctx: the runtime (rank, device, DDP and data-loader preparation, reporting, restore candidates).
-        fail_once_at: (iteration, marker file): raise once at that iteration if the marker does not exist yet.
-            Fault injection for testing restarts; never set by the CLI.
     """
     t = cfg.train
     torch.manual_seed(t.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
@@ -280,9 +295,7 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext,
         for batch in loader:
             if state.iteration >= t.iterations:
                 break
-            if fail_once_at is not None and state.iteration == fail_once_at[0] and not fail_once_at[1].exists():
-                fail_once_at[1].touch()
-                raise RuntimeError(f"injected failure at iteration {state.iteration}")
+            _inject_fault(cfg.distributed.run_name, state.iteration)
             losses = _step(model, teacher, batch.to(ctx.device), kd_warmup, cfg, ctx, optimizer, scaler,
                            state.iteration)
             scheduler.step()
@@ -420,10 +433,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point for `TorchTrainer(train_loop_per_worker, train_loop_config=...)`.
 
     Args:
-        config: {"config": Config as a dict, "data_paths": DataPaths fields as strings,
-                 "fail_once_at": optional [iteration, marker path] for fault-injection tests}.
+        config: {"config": Config as a dict, "data_paths": DataPaths fields as strings}.
     """
     cfg = config_from_dict(config["config"])
     paths = DataPaths(**{k: Path(v) for k, v in config["data_paths"].items()})
-    fail = config.get("fail_once_at")
-    run_training(cfg, paths, RayWorkerContext(), (int(fail[0]), Path(fail[1])) if fail else None)
+    run_training(cfg, paths, RayWorkerContext())

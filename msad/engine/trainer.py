@@ -237,15 +237,13 @@ def _local_log_file(run_dir: str, run_name: str) -> Path:
     return (Path("runs") / run_name if storage.is_uri(run_dir) else Path(run_dir)) / TRAIN_LOG
 
 
-def fit(cfg: Config, address: str | None = None,
-        fail_once_at: tuple[int, Path] | None = None, callbacks: list[Any] | None = None,
+def fit(cfg: Config, address: str | None = None, callbacks: list[Any] | None = None,
         check_storage: bool = True, progress: bool = False) -> RunResult:
     """Run one training with Ray Train. Re-running the same run_name (same config) resumes from its checkpoints.
 
     Args:
         cfg: validated config.
         address: Ray cluster address; None starts a local Ray.
-        fail_once_at: fault injection for tests (see msad.engine.loop.run_training).
         callbacks: Ray Train callbacks (a sweep passes Tune's TuneReportCallback).
         check_storage: check that every node sees distributed.storage_path (a sweep checks once for all trials).
         progress: show a progress bar and evaluations on `msad.console` (the `train` command; not inside sweeps);
@@ -277,8 +275,7 @@ def fit(cfg: Config, address: str | None = None,
     resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "data_paths": {k: str(v) for k, v in asdict(paths).items()},
-                           "fail_once_at": [fail_once_at[0], str(fail_once_at[1])] if fail_once_at else None},
+        train_loop_config={"config": cfg.to_dict(), "data_paths": {k: str(v) for k, v in asdict(paths).items()}},
         torch_config=PreflightTorchConfig(backend="nccl" if d.use_gpu else "gloo"),  # nccl: GPU checked first
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                                resources_per_worker=resources),
