@@ -16,8 +16,52 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+
+
+@dataclass
+class Pace:
+    """A run's iterations over time, from its reports: speed from the first to the latest report (start-up
+    excluded; from `started` while only one came) and the time left."""
+
+    total: int
+    started: float = field(default_factory=time.time)
+    points: list[tuple[float, int]] = field(default_factory=list)  # (time, iteration): the first and the latest
+
+    def record(self, iteration: int) -> None:
+        point = (time.time(), iteration)
+        self.points = [self.points[0], point] if self.points else [point]
+
+    @property
+    def iteration(self) -> int:
+        return self.points[-1][1] if self.points else 0
+
+    def seconds_per_iteration(self) -> float | None:
+        if len(self.points) >= 2 and self.points[-1][1] > self.points[0][1]:
+            (t0, i0), (t1, i1) = self.points[0], self.points[-1]
+            return (t1 - t0) / (i1 - i0)
+        if self.points and self.points[-1][1] > 0:
+            return (self.points[-1][0] - self.started) / self.points[-1][1]
+        return None
+
+    def eta(self) -> float | None:
+        rate = self.seconds_per_iteration()
+        return None if rate is None else rate * max(0, self.total - self.iteration)
+
+    def bar(self, width: int) -> str:
+        filled = min(width, width * self.iteration // max(1, self.total))
+        return f"[{'#' * filled}{'.' * (width - filled)}] {self.iteration}/{self.total}"
+
+
+def ap_text(metrics: dict[str, Any], key: str = "AP") -> str:
+    """'17.0 [15.5, 17.9]' (AP as a percentage, with its interval when the metrics hold one); '-' when absent."""
+    value, low, high = (metrics.get(k) for k in (key, f"{key}_lo", f"{key}_hi"))
+    if not isinstance(value, (int, float)):
+        return "-"
+    interval = f" [{100 * low:.1f}, {100 * high:.1f}]" if isinstance(low, float) and isinstance(high, float) else ""
+    return f"{100 * value:.1f}{interval}"
 
 
 def duration(seconds: float | None) -> str:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-import time
 from typing import Any
 
 from ray.train import UserCallback
 
 from msad import console
-from msad.console import duration
+from msad.console import Pace, ap_text, duration
 
 
 class ReportForwarder(UserCallback):
@@ -45,7 +44,7 @@ class TrainProgress:
         self.name, self.iterations = name, iterations
         self.reports = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
         self.forwarder = ReportForwarder(self.reports)
-        self.points: list[tuple[float, int]] = []  # (time, iteration): the first and the latest report
+        self.pace = Pace(iterations)
         self.latest: dict[str, Any] = {}
         self._tenths = -1
         self._stop = threading.Event()
@@ -61,7 +60,7 @@ class TrainProgress:
         self._drain()
         con = console.current()
         con.status([])
-        if con.tty and self.points:  # the bar's last state stays on screen
+        if con.tty and self.pace.points:  # the bar's last state stays on screen
             con.event(f"[{console.stamp()}] {self.bar()}")
         self.reports.shutdown()
 
@@ -79,36 +78,23 @@ class TrainProgress:
             while not self.reports.empty():
                 self.show(self.reports.get_nowait())
 
-    def seconds_per_iteration(self) -> float | None:
-        if len(self.points) >= 2 and self.points[-1][1] > self.points[0][1]:
-            (t0, i0), (t1, i1) = self.points[0], self.points[-1]
-            return (t1 - t0) / (i1 - i0)
-        return None
-
     def bar(self) -> str:
-        it = self.points[-1][1] if self.points else 0
-        filled = int(30 * it / max(1, self.iterations))
-        rate = self.seconds_per_iteration()
+        rate = self.pace.seconds_per_iteration()
         speed = "?" if rate is None else (f"{1 / rate:.2f} it/s" if rate < 1 else f"{rate:.1f} s/it")
-        eta = None if rate is None else rate * (self.iterations - it)
         loss, lr = self.latest.get("loss_total"), self.latest.get("lr")
-        return (f"{self.name} [{'#' * filled}{'.' * (30 - filled)}] {it}/{self.iterations}  {speed}  "
-                f"ETA {duration(eta)}" + (f"  loss {loss:.3f}" if isinstance(loss, float) else "")
+        return (f"{self.name} {self.pace.bar(30)}  {speed}  ETA {duration(self.pace.eta())}"
+                + (f"  loss {loss:.3f}" if isinstance(loss, float) else "")
                 + (f"  lr {lr:.3g}" if isinstance(lr, float) else ""))
 
     def show(self, metrics: dict[str, Any]) -> None:
         """One report: the bar, plus a line for an evaluation (and, off a terminal, for each tenth of the run)."""
         it = int(metrics.get("iteration", 0))
-        point = (time.time(), it)
-        self.points = [self.points[0], point] if self.points else [point]
+        self.pace.record(it)
         self.latest = metrics
         con = console.current()
         if "AP" in metrics:
-            high = f"  H-branch AP {100 * metrics['H_AP']:.1f}" if isinstance(metrics.get("H_AP"), float) else ""
-            interval = (f" [{100 * metrics['AP_lo']:.1f}, {100 * metrics['AP_hi']:.1f}]"
-                        if isinstance(metrics.get("AP_lo"), float) and isinstance(metrics.get("AP_hi"), float) else "")
-            con.event(f"[{console.stamp()}] eval  it {it}/{self.iterations}  AP {100 * metrics['AP']:.1f}{interval}"
-                      f"{high}")
+            high = f"  H-branch AP {ap_text(metrics, 'H_AP')}" if "H_AP" in metrics else ""
+            con.event(f"[{console.stamp()}] eval  it {it}/{self.iterations}  AP {ap_text(metrics)}{high}")
         tenths = 10 * it // max(1, self.iterations)
         if con.tty:
             con.status([self.bar()])

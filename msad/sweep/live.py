@@ -17,7 +17,7 @@ from typing import Any
 from ray.tune import Callback
 
 from msad import console
-from msad.console import duration
+from msad.console import Pace, ap_text, duration
 
 HEARTBEAT_S = 60.0  # off a terminal, a running trial's progress line comes at most this often
 
@@ -48,38 +48,24 @@ def planned_trial(tune_config: dict[str, Any]) -> PlannedTrial:
 
 @dataclass
 class TrialProgress:
+    """A running trial: its pace, latest loss and evaluation, and when it last had a line off a terminal."""
+
     plan: PlannedTrial
-    started: float
-    points: list[tuple[float, int]] = field(default_factory=list)  # (time, iteration): first and latest
+    pace: Pace
     loss: float | None = None
-    ap: float | None = None
+    evaluated: dict[str, Any] = field(default_factory=dict)  # the latest evaluation's metrics
     said: tuple[float, int] = (0.0, 0)  # (time, tenth of the run) of its latest line off a terminal
 
-    @property
-    def iteration(self) -> int:
-        return self.points[-1][1] if self.points else 0
-
-    def seconds_per_iteration(self) -> float | None:
-        """From the first to the latest report (start-up excluded); from the start while only one came."""
-        if len(self.points) >= 2 and self.points[-1][1] > self.points[0][1]:
-            (t0, i0), (t1, i1) = self.points[0], self.points[-1]
-            return (t1 - t0) / (i1 - i0)
-        if self.points and self.points[-1][1] > 0:
-            return (self.points[-1][0] - self.started) / self.points[-1][1]
-        return None
-
-    def eta(self) -> float | None:
-        rate = self.seconds_per_iteration()
-        return None if rate is None else rate * max(0, self.plan.iterations - self.iteration)
+    @classmethod
+    def starting(cls, plan: PlannedTrial) -> TrialProgress:
+        return cls(plan, Pace(plan.iterations), said=(time.time(), 0))
 
     def record(self, result: dict[str, Any]) -> None:
-        iteration = int(result.get("iteration", 0))
-        point = (time.time(), iteration)
-        self.points = [self.points[0], point] if self.points else [point]
+        self.pace.record(int(result.get("iteration", 0)))
         if isinstance(result.get("loss_total"), (int, float)):
             self.loss = float(result["loss_total"])
-        if isinstance(result.get("AP"), (int, float)):
-            self.ap = float(result["AP"])
+        if "AP" in result:
+            self.evaluated = result
 
 
 def short_reason(line: str) -> str:
@@ -91,10 +77,6 @@ def short_reason(line: str) -> str:
 def _error_file(trial: Any) -> str:
     """The failed trial's traceback in the experiment's trial folder (Tune's error.txt; a URI on object stores)."""
     return f"{trial.path}/error.txt"
-
-
-def _ap(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def _loss(value: float | None) -> str:
@@ -129,7 +111,7 @@ class SweepView(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         plan = planned_trial(trial.config)
         self.planned.setdefault(plan.name, plan)
-        self.running[plan.name] = TrialProgress(plan, time.time(), said=(time.time(), 0))
+        self.running[plan.name] = TrialProgress.starting(plan)
         self.ended.pop(plan.name, None)  # a re-run
         self._say(f"start   {plan.name}  ({plan.label}, {plan.iterations} it)")
 
@@ -138,20 +120,19 @@ class SweepView(Callback):
         if progress is None or "best_checkpoint" in result:  # the trial's closing result: reported at its end
             return
         progress.record(result)
-        if (rate := progress.seconds_per_iteration()) is not None:
+        pace = progress.pace
+        if (rate := pace.seconds_per_iteration()) is not None:
             self.rates[progress.plan.kind] = rate
-        tenth = 10 * progress.iteration // max(1, progress.plan.iterations)
+        tenth = 10 * pace.iteration // max(1, pace.total)
+        where = f"{progress.plan.name}  it {pace.iteration}/{pace.total}"
+        when = f"trial ETA {duration(pace.eta())}  sweep ETA ~{duration(self.sweep_eta())}"
         if "AP" in result:
-            self._say(f"eval    {progress.plan.name}  it {progress.iteration}/{progress.plan.iterations}  "
-                      f"AP {_ap(progress.ap)}  loss {_loss(progress.loss)}  trial ETA {duration(progress.eta())}  "
-                      f"sweep ETA ~{duration(self.sweep_eta())}")
+            self._say(f"eval    {where}  AP {ap_text(result)}  loss {_loss(progress.loss)}  {when}")
             progress.said = (time.time(), tenth)
         elif (not console.current().tty and tenth > progress.said[1]
               and time.time() - progress.said[0] >= HEARTBEAT_S):
             # off a terminal (no status block): a line per tenth of a long trial, at most one a minute
-            self._say(f"running {progress.plan.name}  it {progress.iteration}/{progress.plan.iterations}  "
-                      f"loss {_loss(progress.loss)}  trial ETA {duration(progress.eta())}  "
-                      f"sweep ETA ~{duration(self.sweep_eta())}")
+            self._say(f"running {where}  loss {_loss(progress.loss)}  {when}")
             progress.said = (time.time(), tenth)
         self._draw()
 
@@ -159,12 +140,10 @@ class SweepView(Callback):
         name = trial.config["trial_name"]
         progress = self.running.pop(name, None)
         result = trial.last_result or {}
-        took = duration(time.time() - progress.started) if progress else "?"
+        took = duration(time.time() - progress.pace.started) if progress else "?"
         if result.get("best_checkpoint"):
             self.ended[name] = "done"
-            interval = (f" [{_ap(result['AP_lo'])}, {_ap(result['AP_hi'])}]"
-                        if isinstance(result.get("AP_lo"), float) and isinstance(result.get("AP_hi"), float) else "")
-            self._say(f"done    {name}  AP {_ap(result.get('AP'))}{interval} in {took}  ({self._counts()})")
+            self._say(f"done    {name}  AP {ap_text(result)} in {took}  ({self._counts()})")
         else:
             self.ended[name] = "stopped"
             self._say(f"stopped {name}  at it {result.get('iteration', '?')} by the scheduler (ASHA) in {took}  "
@@ -208,8 +187,8 @@ class SweepView(Callback):
             if name in self.ended:
                 continue
             progress = self.running.get(name)
-            rate = (progress.seconds_per_iteration() if progress else None) or self.rates.get(plan.kind, fallback)
-            work += rate * (plan.iterations - (progress.iteration if progress else 0))
+            rate = (progress.pace.seconds_per_iteration() if progress else None) or self.rates.get(plan.kind, fallback)
+            work += rate * (plan.iterations - (progress.pace.iteration if progress else 0))
         unfinished = len(self.planned) - len(self.ended)
         return work / max(1, min(self.max_concurrent, unfinished))
 
@@ -217,11 +196,8 @@ class SweepView(Callback):
         lines = [f"sweep {self.sweep_name}: {self._counts()}; elapsed {duration(time.time() - self.started)}, "
                  f"ETA ~{duration(self.sweep_eta())}"]
         for progress in self.running.values():
-            plan, done = progress.plan, progress.iteration / max(1, progress.plan.iterations)
-            bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
-            lines.append(f"  {plan.name:<34} [{bar}] {progress.iteration}/{plan.iterations}  "
-                         f"loss {_loss(progress.loss)}  "
-                         f"AP {_ap(progress.ap)}  ETA {duration(progress.eta())}")
+            lines.append(f"  {progress.plan.name:<34} {progress.pace.bar(20)}  loss {_loss(progress.loss)}  "
+                         f"AP {ap_text(progress.evaluated)}  ETA {duration(progress.pace.eta())}")
         return lines
 
     def _say(self, text: str) -> None:
