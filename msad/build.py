@@ -5,7 +5,6 @@ The one place where config keys meet constructors, so the loop and the CLI never
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,23 +13,17 @@ from torch import nn
 from msad.config import Config, DataConfig, ModelConfig
 from msad.data.coco import CocoDetection
 from msad.data.coco_cache import default_cache_dir
+from msad.data.paths import DataPaths
 from msad.data.shapes import ShapesSpec, ensure_shapes_dataset
 from msad.data.transforms import eval_transform, train_transform
+from msad.engine.checkpoint import checkpoint_config, load_checkpoint
 from msad.errors import UserError
 from msad.models.detector import FCOSDetector
+from msad.models.distiller import Distiller
 from msad.models.slimmable import load_slimmable_imagenet, load_torchvision_resnet50
-from msad.models.student import MSADStudent
+from msad.models.student import KDWarmup, MSADStudent
 from msad.models.teacher import MSADTeacher
-
-
-@dataclass(frozen=True)
-class DataPaths:
-    """Image folders and instances files of both splits."""
-
-    train_images: Path
-    train_annotations: Path
-    val_images: Path
-    val_annotations: Path
+from msad.models.trainable import Trainable
 
 
 def resolve_data_paths(data: DataConfig) -> DataPaths:
@@ -48,9 +41,7 @@ def resolve_data_paths(data: DataConfig) -> DataPaths:
     s = data.shapes
     spec = ShapesSpec(num_train=s.num_train, num_val=s.num_val, image_size=tuple(s.image_size),
                       objects_per_image=tuple(s.objects_per_image), object_size=tuple(s.object_size), seed=s.seed)
-    generated = ensure_shapes_dataset(Path(s.cache_dir).expanduser(), spec)
-    return DataPaths(generated.train_images, generated.train_annotations, generated.val_images,
-                     generated.val_annotations)
+    return ensure_shapes_dataset(Path(s.cache_dir).expanduser(), spec)
 
 
 def annotation_cache_dir(data: DataConfig) -> Path:
@@ -89,7 +80,7 @@ def _detector_kwargs(cfg: Config) -> dict:
                 giou_plus_one=cfg.train.giou_plus_one)
 
 
-def build_model(cfg: Config, load_pretrained: bool = True) -> nn.Module:
+def build_model(cfg: Config, load_pretrained: bool = True) -> Trainable:
     """The model of the run's role, at its width, with ImageNet weights loaded when a path is given.
 
     Args:
@@ -99,7 +90,7 @@ def build_model(cfg: Config, load_pretrained: bool = True) -> nn.Module:
     """
     role = cfg.train.role
     if role == "fcos":
-        model: nn.Module = FCOSDetector(**_detector_kwargs(cfg))
+        model: Trainable = FCOSDetector(**_detector_kwargs(cfg))
     elif role == "teacher":
         model = build_teacher(cfg)
     else:
@@ -109,6 +100,38 @@ def build_model(cfg: Config, load_pretrained: bool = True) -> nn.Module:
     if load_pretrained and cfg.model.pretrained and role != "student":
         load_backbone_weights(model.backbone, cfg.model)
     return model
+
+
+def build_trainable(cfg: Config, device: torch.device) -> Trainable:
+    """What the training loop trains for the run's role: the model itself, or for a student a `Distiller` holding
+    the student (initialised from its teacher unless `train.init_from_teacher` is off) and the frozen teacher on
+    `device`. A restored checkpoint's weights are loaded over it by the loop."""
+    model = build_model(cfg)
+    if not isinstance(model, MSADStudent):
+        return model
+    t = cfg.train
+    teacher = load_frozen_teacher(cfg, device)
+    distiller = Distiller(model, teacher, KDWarmup(t.kd_alpha, t.kd_warmup_iters), t.teacher_batch_stats)
+    if t.init_from_teacher:
+        from msad.deploy.teacher import init_student_from_teacher
+
+        init_student_from_teacher(model, teacher)  # a training teacher or a sliced one
+    return distiller
+
+
+def load_frozen_teacher(cfg: Config, device: torch.device) -> MSADTeacher:
+    """The trained teacher for a student run: eval mode, no gradients, on `device`. Reads a training checkpoint or
+    a sliced, weights-only teacher (`msad.deploy.export_sliced_teacher`)."""
+    path = cfg.train.teacher_checkpoint or ""
+    state = load_checkpoint(path)
+    if state.get("kind") == "sliced":
+        from msad.deploy.teacher import teacher_from_sliced_state
+
+        return teacher_from_sliced_state(state, path).to(device)
+    teacher = build_teacher(checkpoint_config(state, path))
+    teacher.load_state_dict(state["model"])
+    teacher.requires_grad_(False)
+    return teacher.eval().to(device)
 
 
 def build_teacher(cfg: Config) -> MSADTeacher:

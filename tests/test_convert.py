@@ -13,7 +13,7 @@ from torch import Tensor
 
 from msad.errors import UserError
 from msad.models.convert import STEM_WEIGHT, convert_original, infer_width, load_original
-from msad.models.detector import load_state_strictly
+from msad.models.state import load_state_strictly
 from msad.models.student import MSADStudent
 from msad.models.teacher import MSADTeacher
 

@@ -241,16 +241,17 @@ def test_shapes_generation_is_deterministic_and_cached(tmp_path: Path) -> None:
     first = ensure_shapes_dataset(tmp_path / "one", ShapesSpec(**TINY, seed=3))
     second = ensure_shapes_dataset(tmp_path / "two", ShapesSpec(**TINY, seed=3))
     other = ensure_shapes_dataset(tmp_path / "one", ShapesSpec(**TINY, seed=4))
-    assert first.root.name == second.root.name != other.root.name
-    files = _files(first.root)
+    root, other_root = first.train_images.parent, other.train_images.parent  # one folder per spec
+    assert root.name == second.train_images.parent.name != other_root.name
+    files = _files(root)
     assert len(files) == 4 + 2 + 2
-    assert files == _files(second.root)  # byte-identical JSON and images
+    assert files == _files(second.train_images.parent)  # byte-identical JSON and images
     assert first.train_annotations.read_bytes() != other.train_annotations.read_bytes()
     # A complete dataset is reused as is; no staging folders are left behind.
     stamp = first.train_annotations.stat().st_mtime_ns
     assert ensure_shapes_dataset(tmp_path / "one", ShapesSpec(**TINY, seed=3)) == first
     assert first.train_annotations.stat().st_mtime_ns == stamp
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted([first.root.name, other.root.name])
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted([root.name, other_root.name])
 
 
 def test_shapes_dataset_is_valid_coco_with_many_small_objects(tmp_path: Path) -> None:

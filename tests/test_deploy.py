@@ -20,7 +20,14 @@ import pytest
 import torch
 from torch import nn
 
-from msad.build import build_model, build_optimizer, build_train_dataset, build_val_dataset, resolve_data_paths
+from msad.build import (
+    build_model,
+    build_optimizer,
+    build_train_dataset,
+    build_val_dataset,
+    load_frozen_teacher,
+    resolve_data_paths,
+)
 from msad.cli import main
 from msad.config import Config, config_from_dict
 from msad.data.transforms import Batch, collate, to_low_resolution
@@ -41,7 +48,6 @@ from msad.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from msad.engine.loop import load_frozen_teacher
 from msad.errors import UserError
 from msad.models.fcos import STRIDES, HeadOutputs, fcos_detections
 from msad.models.slimmable import WIDTHS
@@ -228,7 +234,7 @@ def test_student_distils_from_the_sliced_teacher_as_from_the_training_checkpoint
     assert sliced_path == run_dir / "teacher_sliced.pt"  # next to its checkpoint
     assert sliced_path.stat().st_size * 10 <= checkpoints["teacher"].stat().st_size
     sliced = load_sliced_teacher(sliced_path)
-    # what a student run does with either file (msad.engine.loop): the sliced one loads as the same teacher
+    # what a student run does with either file (msad.build.build_trainable): the sliced one loads as the same teacher
     via_loop = load_frozen_teacher(config_from_dict({**configs["student"].to_dict(), "train": {
         **configs["student"].to_dict()["train"], "teacher_checkpoint": str(sliced_path)}}), torch.device("cpu"))
     assert type(via_loop.backbone) is type(sliced.backbone) and not via_loop.training

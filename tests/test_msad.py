@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from msad.errors import UserError
 from msad.models.detector import FCOSDetector
+from msad.models.distiller import Distiller
 from msad.models.fcos import fcos_losses
 from msad.models.student import (
     KDWarmup,
@@ -20,6 +21,7 @@ from msad.models.student import (
     run_frozen_teacher,
 )
 from msad.models.teacher import CrossLevelFusion, MSADTeacher, check_aligned
+from msad.models.trainable import loss_terms
 
 TINY = {"width": 0.25, "fpn_channels": 32, "num_classes": 3, "head_convs": 2, "gn_groups": 8}
 LEVEL_STRIDES = (8, 16, 32, 64, 128)
@@ -109,9 +111,11 @@ def test_zero_init_fusion_starts_equal_and_learns_from_the_loss() -> None:
     torch.manual_seed(3)
     model = MSADTeacher(**TINY).train()
     images = _images(256, 256)
-    sum(model(images, _targets()).values()).backward()
-    assert set(model.fusion_metrics()) == {f"fusion_high_p{k}" for k in range(3, 8)}
-    assert all(value.item() == 0.5 for value in model.fusion_metrics().values())
+    outputs = model(images, _targets())
+    sum(loss_terms(outputs).values()).backward()
+    diagnostics = {k: v for k, v in outputs.items() if not k.startswith("loss_")}
+    assert set(diagnostics) == {f"fusion_high_p{k}" for k in range(3, 8)}  # logged beside the losses
+    assert all(value.item() == 0.5 and not value.requires_grad for value in diagnostics.values())
     assert model.fusion.fc[2].weight.grad.abs().sum() > 0
     torch.optim.SGD(model.fusion.parameters(), lr=1.0).step()
     with torch.no_grad():
@@ -160,9 +164,11 @@ def test_teacher_training_step_has_all_branch_losses_and_gradients() -> None:
     torch.manual_seed(3)
     model = MSADTeacher(**TINY).train()
     images, targets = _images(), _targets()
-    losses = model(images, targets)
+    outputs = model(images, targets)
+    losses = loss_terms(outputs)
     branches = ("high", "low", "fused")
     assert set(losses) == {f"loss_{kind}_{branch}" for kind in ("cls", "box", "ctr") for branch in branches}
+    assert set(outputs) - set(losses) == {f"fusion_high_p{k}" for k in range(3, 8)}
     assert all(torch.isfinite(value) and value > 0 for value in losses.values())
     sum(losses.values()).backward()
     _check_trainable_grads(model)
@@ -308,12 +314,12 @@ def test_init_from_teacher_copies_every_student_weight(teacher: MSADTeacher) -> 
 def test_init_from_teacher_is_strict(teacher: MSADTeacher, student: MSADStudent) -> None:
     state = teacher.state_dict()
     missing = {k: v for k, v in state.items() if k != "head.cls_logits.bias"}
-    with pytest.raises(UserError, match="no key 'head.cls_logits.bias'"):
+    with pytest.raises(UserError, match="missing key 'head.cls_logits.bias'"):
         init_from_teacher(student, missing)
     with pytest.raises(UserError, match="'extra.weight'"):
         init_from_teacher(student, {**state, "extra.weight": torch.zeros(1)})
     wrong = {**state, "head.cls_logits.bias": torch.zeros(5)}
-    with pytest.raises(UserError, match=r"'head.cls_logits.bias' is \(5,\)"):
+    with pytest.raises(UserError, match=r"'head.cls_logits.bias' has shape \(5,\)"):
         init_from_teacher(student, wrong)
 
 
@@ -373,3 +379,30 @@ def test_sync_bn_switch_decides_syncbatchnorm_on_several_gpus_only() -> None:
     assert synced([], "cuda", 8)
     assert not synced(["train.sync_bn=false"], "cuda", 8)
     assert not synced([], "cuda", 1) and not synced([], "cpu", 8)
+
+
+def test_distiller_trains_the_student_alone_and_follows_its_kd_schedule(teacher: MSADTeacher,
+                                                                         student: MSADStudent) -> None:
+    """What a student run trains: only the student is a submodule (DDP, optimizer, checkpoint see it alone), the
+    distillation weight of each step follows the warm-up ramp, and the ramp's position is checkpointed."""
+    distiller = Distiller(student, teacher, KDWarmup(alpha=0.2, warmup_iters=2))
+    assert list(distiller.state_dict()) == list(student.state_dict())  # no "student." prefix, no teacher keys
+    assert {id(p) for p in distiller.parameters()} == {id(p) for p in student.parameters()}
+    assert not any(isinstance(m, MSADTeacher) for m in distiller.modules())
+    images, targets = _images(), _targets()
+    used = []
+    for _ in range(3):
+        outputs = distiller(images, targets)
+        used.append(outputs["kd_weight"].item())
+        distiller.advance()
+    assert used == pytest.approx([0.0, 0.1, 0.2])
+    assert distiller.training_state() == {"kd_warmup": {"iteration": 3, "alpha": 0.2, "warmup_iters": 2}}
+    with torch.no_grad():  # the same student and teacher by hand, at the ramp's end
+        expected = student(images, targets, run_frozen_teacher(teacher, images), kd_weight=0.2)
+        got = distiller(images, targets)
+    torch.testing.assert_close(got["loss_kd"], expected["loss_kd"])
+    resumed = Distiller(student, teacher, KDWarmup(alpha=0.2, warmup_iters=2))
+    resumed.load_training_state({"kd_warmup": distiller.training_state()["kd_warmup"]})
+    assert resumed.schedule.weight == pytest.approx(0.2)
+    with pytest.raises(UserError, match="one output"):
+        distiller.predict(images, [(256, 256)] * 2, branch="high")

@@ -26,12 +26,12 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from msad.errors import UserError
-from msad.files import file_sha256
+from msad.files import file_sha256, write_atomically
 
 CACHE_VERSION = 1
 _MAGIC = b"MSADCOCO"
@@ -200,17 +200,13 @@ def write_cache(arrays: CocoArrays, path: Path, source: Path) -> None:
               "category_ids": arrays.category_ids, "category_names": arrays.category_names,
               "num_degenerate": arrays.num_degenerate}
     head = json.dumps(header).encode()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            f.write(_padded(_MAGIC + len(head).to_bytes(8, "little") + head))
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def write(f: IO[bytes]) -> None:
+        f.write(_padded(_MAGIC + len(head).to_bytes(8, "little") + head))
+        for chunk in chunks:
+            f.write(chunk)
+
+    write_atomically(path, write)
 
 
 def read_cache(path: Path, source_sha256: str) -> CocoArrays:

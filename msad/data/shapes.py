@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from msad import console
+from msad.data.paths import DataPaths
 from msad.errors import UserError
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "ring", "cross", "diamond")
@@ -82,31 +83,13 @@ class ShapesSpec:
         return f"shapes-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-@dataclass(frozen=True)
-class ShapesPaths:
-    """Where a generated dataset lies (the arguments CocoDetection takes, per split)."""
-
-    root: Path
-    train_images: Path
-    train_annotations: Path
-    val_images: Path
-    val_annotations: Path
-
-    @classmethod
-    def under(cls, root: Path) -> ShapesPaths:
-        return cls(
-            root=root,
-            train_images=root / "train",
-            train_annotations=root / "annotations" / "instances_train.json",
-            val_images=root / "val",
-            val_annotations=root / "annotations" / "instances_val.json",
-        )
-
-    def complete(self) -> bool:
-        return all(getattr(self, f.name).exists() for f in fields(self))
+def shapes_layout(root: Path) -> DataPaths:
+    """The files of a generated dataset under its folder `root`."""
+    return DataPaths(train_images=root / "train", train_annotations=root / "annotations" / "instances_train.json",
+                     val_images=root / "val", val_annotations=root / "annotations" / "instances_val.json")
 
 
-def ensure_shapes_dataset(cache_dir: str | Path, spec: ShapesSpec) -> ShapesPaths:
+def ensure_shapes_dataset(cache_dir: str | Path, spec: ShapesSpec) -> DataPaths:
     """Return the dataset for `spec` under `cache_dir`, generating it first if it is not there yet.
 
     Args:
@@ -114,17 +97,18 @@ def ensure_shapes_dataset(cache_dir: str | Path, spec: ShapesSpec) -> ShapesPath
         spec: what to generate.
     """
     cache_dir = Path(cache_dir)
-    paths = ShapesPaths.under(cache_dir / spec.cache_name)
-    if paths.root.exists():
+    root = cache_dir / spec.cache_name
+    paths = shapes_layout(root)
+    if root.exists():
         if not paths.complete():
-            raise UserError(f"shapes dataset {paths.root} is incomplete (modified by hand?); delete it to regenerate")
+            raise UserError(f"shapes dataset {root} is incomplete (modified by hand?); delete it to regenerate")
         return paths
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.cache_name}.", suffix=".partial", dir=cache_dir))
     try:
-        _write_dataset(ShapesPaths.under(staging), spec)
+        _write_dataset(shapes_layout(staging), spec)
         try:
-            os.rename(staging, paths.root)  # atomic; fails if another process renamed its (identical) copy first
+            os.rename(staging, root)  # atomic; fails if another process renamed its (identical) copy first
         except OSError:
             if not paths.complete():
                 raise
@@ -133,7 +117,7 @@ def ensure_shapes_dataset(cache_dir: str | Path, spec: ShapesSpec) -> ShapesPath
     return paths
 
 
-def _write_dataset(paths: ShapesPaths, spec: ShapesSpec) -> None:
+def _write_dataset(paths: DataPaths, spec: ShapesSpec) -> None:
     paths.train_annotations.parent.mkdir(parents=True)
     progress = _Progress(f"msad: generating {spec.cache_name}", spec.num_train + spec.num_val)
     _write_split(spec, 0, spec.num_train, paths.train_images, paths.train_annotations, progress)

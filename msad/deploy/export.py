@@ -61,8 +61,8 @@ from msad.deploy.runtime import (
 from msad.deploy.slicing import slice_model
 from msad.engine.checkpoint import CHECKPOINT_VERSION, checkpoint_config, load_checkpoint, save_checkpoint
 from msad.errors import UserError
-from msad.models.detector import load_state_strictly
 from msad.models.fcos import STRIDES, HeadOutputs, fcos_detections
+from msad.models.state import load_state_strictly
 
 FORMATS: tuple[str, ...] = ("pt", "torchscript", "onnx")
 SLICED_KIND = "sliced"

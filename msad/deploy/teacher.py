@@ -26,8 +26,8 @@ from msad.build import build_teacher
 from msad.deploy.export import SLICED_KIND, export_checkpoint
 from msad.engine.checkpoint import checkpoint_config, load_checkpoint
 from msad.errors import UserError
-from msad.models.detector import load_state_strictly
 from msad.models.slimmable import SlimmableConv2d, SlimmableResNet50, SwitchableBatchNorm2d
+from msad.models.state import load_state_strictly
 from msad.models.student import MSADStudent, init_from_teacher
 from msad.models.teacher import MSADTeacher
 

@@ -118,8 +118,8 @@ def weighted_accumulate(evaluator: COCOeval, weights: np.ndarray) -> dict[str, n
     recalls = np.asarray(params.recThrs)
     areas = {"all": params.areaRngLbl.index("all"), "small": params.areaRngLbl.index("small")}
     # per area: [B] sums of precision over (thresholds x recalls x categories present), and the number of them
-    totals = {name: np.zeros(len(weights)) for name in ("AP", "AP50", "APs")}
-    counts = {name: np.zeros(len(weights)) for name in ("AP", "AP50", "APs")}
+    totals = {name: np.zeros(len(weights)) for name in BOOTSTRAP_METRICS}
+    counts = {name: np.zeros(len(weights)) for name in BOOTSTRAP_METRICS}
     for category in range(len(params.catIds)):
         for area_name, area in areas.items():
             matches = _matches(evaluator, category, area)

@@ -7,7 +7,6 @@ beside it; a truncated or altered file fails that check and is reported as corru
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from msad.config import Config, config_from_dict
 from msad.engine import storage
 from msad.errors import UserError
-from msad.files import file_sha256
+from msad.files import file_sha256, read_tensor_file, write_atomically
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -27,24 +26,12 @@ class CorruptCheckpointError(UserError):
     """The file exists but cannot be trusted: digest mismatch, truncated archive, or missing fields."""
 
 
-def _fsync_write(path: Path, writer: Any) -> None:
-    with path.open("wb") as f:
-        writer(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write `state` to `path` via a temp file + rename (a crash never leaves a half file under the real name)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _fsync_write(tmp, lambda f: torch.save(state, f))
-    digest = file_sha256(tmp)
-    tmp_digest = path.with_name(f".{path.name}{DIGEST_SUFFIX}.tmp-{os.getpid()}")
-    _fsync_write(tmp_digest, lambda f: f.write(f"{digest}  {path.name}\n".encode()))
-    os.replace(tmp, path)
-    os.replace(tmp_digest, path.with_name(path.name + DIGEST_SUFFIX))
+    write_atomically(path, lambda f: torch.save(state, f))
+    digest = file_sha256(path)
+    write_atomically(path.with_name(path.name + DIGEST_SUFFIX), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
     return path
 
 
@@ -62,11 +49,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         expected = digest_file.read_text().split()[0]
         if file_sha256(path) != expected:
             raise CorruptCheckpointError(f"{path}: corrupt checkpoint (SHA-256 differs from {digest_file.name})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError depending on the damage
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CorruptCheckpointError(f"{path}: unreadable checkpoint ({first_line})") from None
+    state = read_tensor_file(path, "checkpoint", CorruptCheckpointError)
     if not isinstance(state, dict) or "model" not in state:
         raise CorruptCheckpointError(f"{path}: not an msad checkpoint (no 'model' entry)")
     return state
@@ -140,7 +123,7 @@ def import_original_checkpoint(original: str | Path, cfg: Config, output: str | 
     data["model"]["fusion"] = any(k.startswith("fusion.") for k in weights) or converted.role == "student"
     model_cfg = config_from_dict(data)
     model = build_model(model_cfg, load_pretrained=False)  # every weight comes from the original file
-    from msad.models.detector import load_state_strictly
+    from msad.models.state import load_state_strictly
 
     load_state_strictly(model, weights, str(original))
     return save_checkpoint({

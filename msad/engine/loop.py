@@ -1,9 +1,10 @@
-"""The one training loop, for teachers, students and plain FCOS, run by every Ray Train worker.
+"""The one training loop, for every role, run by every Ray Train worker.
 
-`train_loop_per_worker(config)` is what `TorchTrainer` calls; `run_training(cfg, ctx)` is the loop itself, written
-against a small `WorkerContext` so the same code also runs in one plain process (benchmarks, debugging).
-Roles differ only in the model object and in what the step feeds it: a student also gets the frozen teacher's
-fused features, computed outside DDP under inference mode.
+`train_loop_per_worker(config)` is what `TorchTrainer` calls; `run_training(cfg, data_paths, ctx)` is the loop
+itself, written against a small `WorkerContext` so the same code also runs in one plain process (benchmarks,
+debugging). The loop knows no role: `msad.build.build_trainable` gives it a `msad.models.trainable.Trainable`
+(a plain detector, a teacher, or a `Distiller` holding a student and its frozen teacher) that owns its forward,
+its per-step schedules and the branches it is evaluated on; the loop steps, reports, evaluates and checkpoints.
 """
 
 from __future__ import annotations
@@ -26,39 +27,29 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from msad.build import (
-    DataPaths,
     build_lr_scheduler,
-    build_model,
     build_optimizer,
-    build_teacher,
     build_train_dataset,
+    build_trainable,
     build_val_dataset,
 )
 from msad.config import Config, config_from_dict
 from msad.data.coco import CocoDetection
+from msad.data.paths import DataPaths
 from msad.data.transforms import Batch, Collate
 from msad.engine.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_VERSION,
     CorruptCheckpointError,
-    checkpoint_config,
     load_checkpoint,
     save_checkpoint,
 )
 from msad.engine.data import EpochSeededDataset, GroupedDistributedSampler, same_padding_batches, shard_indices
 from msad.engine.evaluate import coco_evaluate, to_coco_results
-from msad.models.student import (
-    KDWarmup,
-    MSADStudent,
-    check_teacher_matches,
-    run_frozen_teacher,
-)
-from msad.models.teacher import MSADTeacher
+from msad.models.trainable import Trainable, loss_terms
 
 RESULTS_FILE = "coco_results.json"
 BOOTSTRAP_FILE = "bootstrap.json"  # per-resample AP, AP50, APs of the evaluation (msad.engine.bootstrap.Replicates)
-HIGH_BRANCH_SUFFIX = "_high"  # files of a teacher's H-branch evaluation: coco_results_high.json, bootstrap_high.json
-HIGH_BRANCH_PREFIX = "H_"  # metric keys of a teacher's H branch: H_AP, H_AP_lo, ...
 UNEVALUATED_SCORE = -1.0  # below any AP (0..1)
 
 
@@ -97,9 +88,14 @@ class TrainState:
         return next((h["AP"] for h in reversed(self.history) if "AP" in h), None)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> Trainable:
     """The model inside DDP (DDP's own forward would try to sync gradients during evaluation)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def branch_file(filename: str, branch: str | None) -> str:
+    """Where an evaluation of a model's extra branch writes `filename` (coco_results_high.json for "high")."""
+    return filename.replace(".json", f"_{branch}.json") if branch else filename
 
 
 def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
@@ -129,21 +125,6 @@ def _mean_over_workers(sums: dict[str, Tensor], count: int, ctx: WorkerContext) 
     return dict(zip(names, stacked.tolist(), strict=True))
 
 
-def load_frozen_teacher(cfg: Config, device: torch.device) -> MSADTeacher:
-    """The trained teacher for a student run: eval mode, no gradients, outside DDP. Reads a training checkpoint or
-    a sliced, weights-only teacher (`msad.deploy.export_sliced_teacher`)."""
-    path = cfg.train.teacher_checkpoint or ""
-    state = load_checkpoint(path)
-    if state.get("kind") == "sliced":
-        from msad.deploy.teacher import teacher_from_sliced_state
-
-        return teacher_from_sliced_state(state, path).to(device)
-    teacher = build_teacher(checkpoint_config(state, path))
-    teacher.load_state_dict(state["model"])
-    teacher.requires_grad_(False)
-    return teacher.eval().to(device)
-
-
 def with_batch_norm_sync(model: nn.Module, cfg: Config, device: torch.device, world_size: int) -> nn.Module:
     """SyncBatchNorm across GPUs when training on several and `train.sync_bn` (per-GPU batches are small); plain BN
     otherwise, and always on CPU (gloo), where SyncBatchNorm cannot run."""
@@ -153,10 +134,11 @@ def with_batch_norm_sync(model: nn.Module, cfg: Config, device: torch.device, wo
 
 
 def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerContext,
-             output_json: Path | None = None, branch: str = "fused",
+             output_json: Path | None = None, branch: str | None = None,
              bootstrap_json: Path | None = None, intervals: bool = True) -> dict[str, float]:
     """COCO box AP of `model` on `dataset`, with bootstrap intervals (`train.bootstrap_samples`) unless `intervals`
-    is False; inference is split across workers and gathered on rank 0.
+    is False; inference is split across workers and gathered on rank 0. `branch` picks one of the model's
+    outputs (a teacher's "high", ...); None is its own output.
 
     Batches hold images of one padded size (`same_padding_batches`), so every image's detections are what it gets
     alone, whatever the batch size. Every rank returns the same metrics (rank 0 broadcasts them). Rank 0 writes
@@ -174,8 +156,7 @@ def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerC
     with torch.inference_mode(), _autocast(cfg, ctx.device):
         for batch in loader:
             batch = batch.to(ctx.device)
-            kwargs = {"branch": branch} if isinstance(module, MSADTeacher) else {}
-            detections = module.predict(batch.images, batch.image_sizes, **kwargs)
+            detections = module.predict(batch.images, batch.image_sizes, branch)
             detections = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in d.items()}
                           for d in detections]
             results.extend(to_coco_results(detections, batch.targets, dataset.contiguous_to_category_id))
@@ -196,18 +177,18 @@ def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerC
 
 def _evaluate_branches(model: nn.Module, val_set: CocoDetection, cfg: Config, ctx: WorkerContext,
                        out: Path | None, final: bool) -> dict[str, float]:
-    """The model's metrics; a fusing teacher's H branch too ("H_" keys), so the report can tell what C-FF adds.
-    Rank 0 writes detections and, at the `final` evaluation (the one the report pairs), bootstrap replicates into
-    `out` (see RESULTS_FILE, BOOTSTRAP_FILE); earlier ones are point estimates (the fast evaluator, no resampling)."""
-    def files(suffix: str) -> dict[str, Path | None]:
-        return {"output_json": out / RESULTS_FILE.replace(".json", f"{suffix}.json") if out else None,
-                "bootstrap_json": out / BOOTSTRAP_FILE.replace(".json", f"{suffix}.json") if out else None}
-
-    metrics = evaluate(model, val_set, cfg, ctx, intervals=final, **files(""))
-    module = unwrap(model)
-    if isinstance(module, MSADTeacher) and module.fusion is not None:
-        high = evaluate(model, val_set, cfg, ctx, branch="high", intervals=final, **files(HIGH_BRANCH_SUFFIX))
-        metrics.update({f"{HIGH_BRANCH_PREFIX}{k}": v for k, v in high.items()})
+    """The metrics of every branch the model names (`Trainable.evaluation_branches`): its own output, and e.g. a
+    fusing teacher's H branch under "H_" keys, so the report can tell what C-FF adds. Rank 0 writes detections and,
+    at the `final` evaluation (the one the report pairs), bootstrap replicates into `out` (RESULTS_FILE,
+    BOOTSTRAP_FILE; `branch_file` names an extra branch's); earlier ones are point estimates (the fast evaluator,
+    no resampling)."""
+    metrics: dict[str, float] = {}
+    for prefix, branch in unwrap(model).evaluation_branches().items():
+        extra = branch if prefix else None
+        files = {"output_json": out / branch_file(RESULTS_FILE, extra) if out else None,
+                 "bootstrap_json": out / branch_file(BOOTSTRAP_FILE, extra) if out else None}
+        found = evaluate(model, val_set, cfg, ctx, branch=branch, intervals=final, **files)
+        metrics.update({f"{prefix}{k}": v for k, v in found.items()})
     return metrics
 
 
@@ -251,28 +232,21 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext) -> Trai
     train_set = build_train_dataset(cfg, data_paths)
     val_set = build_val_dataset(cfg, data_paths)
 
-    model = build_model(cfg)
-    teacher = load_frozen_teacher(cfg, ctx.device) if t.role == "student" else None
-    if teacher is not None:
-        check_teacher_matches(model, teacher)
+    model = build_trainable(cfg, ctx.device)
     checkpoint, checkpoint_path = _restore(ctx)
-    if checkpoint is None and teacher is not None and t.init_from_teacher:
-        from msad.deploy.teacher import init_student_from_teacher
-
-        init_student_from_teacher(model, teacher)  # a training teacher or a sliced one
+    state = TrainState()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        model.load_training_state(checkpoint)
+        state = TrainState(checkpoint["iteration"], checkpoint["best_ap"], list(checkpoint["history"]),
+                           [*checkpoint["resumed_from"], checkpoint["iteration"]])
     model = ctx.prepare_model(with_batch_norm_sync(model, cfg, ctx.device, ctx.world_size))
     optimizer = build_optimizer(cfg, unwrap(model))
     scheduler = build_lr_scheduler(cfg, optimizer)
-    kd_warmup = KDWarmup(t.kd_alpha, t.kd_warmup_iters)
     scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and ctx.device.type == "cuda")
-    state = TrainState()
     if checkpoint is not None:
-        unwrap(model).load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        kd_warmup.load_state_dict(checkpoint["kd_warmup"])
-        state = TrainState(checkpoint["iteration"], checkpoint["best_ap"], list(checkpoint["history"]),
-                           [*checkpoint["resumed_from"], checkpoint["iteration"]])
         if ctx.rank == 0:
             print(f"resumed from {checkpoint_path} at iteration {state.iteration}", flush=True)
 
@@ -296,14 +270,12 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext) -> Trai
             if state.iteration >= t.iterations:
                 break
             _inject_fault(cfg.distributed.run_name, state.iteration)
-            losses = _step(model, teacher, batch.to(ctx.device), kd_warmup, cfg, ctx, optimizer, scaler,
-                           state.iteration)
+            outputs = train_step(model, batch.to(ctx.device), cfg, ctx, optimizer, scaler, state.iteration)
             scheduler.step()
-            kd_warmup.step()
+            unwrap(model).advance()
             state.iteration += 1
             window_steps += 1
-            diagnostics = unwrap(model).fusion_metrics() if isinstance(unwrap(model), MSADTeacher) else {}
-            for name, value in {**losses, **diagnostics}.items():
+            for name, value in outputs.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
 
             is_last = state.iteration == t.iterations
@@ -313,27 +285,22 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext) -> Trai
                 metrics = _mean_over_workers(sums, window_steps, ctx)
                 metrics["loss_total"] = sum(v for k, v in metrics.items() if k.startswith("loss_"))
                 metrics.update(iteration=state.iteration, epoch=epoch, lr=optimizer.param_groups[0]["lr"],
-                               kd_weight=kd_warmup.weight if t.role == "student" else 0.0,
                                images_per_sec_per_worker=window_steps * t.batch_per_worker / max(elapsed, 1e-9))
                 if state.latest_ap is not None:
                     metrics["latest_AP"] = state.latest_ap
-                _report(metrics, save_now, is_last, model, optimizer, scheduler, kd_warmup, state, val_set, cfg, ctx)
+                _report(metrics, save_now, is_last, model, optimizer, scheduler, state, val_set, cfg, ctx)
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
     return state
 
 
-def _step(model: nn.Module, teacher: MSADTeacher | None, batch: Batch, kd_warmup: KDWarmup, cfg: Config,
-          ctx: WorkerContext, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-          iteration: int) -> dict[str, Tensor]:
+def train_step(model: nn.Module, batch: Batch, cfg: Config, ctx: WorkerContext, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, iteration: int) -> dict[str, Tensor]:
+    """One optimizer step on `batch`: forward under the configured autocast, a finiteness check before anything
+    changes, backward of the summed loss terms, optional gradient clipping. Returns the forward's outputs (loss
+    terms and diagnostics)."""
     with _autocast(cfg, ctx.device):
-        if isinstance(unwrap(model), MSADStudent):
-            use_teacher = teacher is not None and kd_warmup.weight > 0
-            teacher_features = (run_frozen_teacher(teacher, batch.images, cfg.train.teacher_batch_stats)
-                                if use_teacher else None)
-            losses = model(batch.images, batch.targets, teacher_features=teacher_features,
-                           kd_weight=kd_warmup.weight)
-        else:
-            losses = model(batch.images, batch.targets)
+        outputs = model(batch.images, batch.targets)
+    losses = loss_terms(outputs)
     _check_finite(losses, iteration)
     total = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
@@ -343,7 +310,7 @@ def _step(model: nn.Module, teacher: MSADTeacher | None, batch: Batch, kd_warmup
         torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), cfg.train.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return losses
+    return outputs
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float | int]:
@@ -351,7 +318,7 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float | int]:
 
 
 def _report(metrics: dict[str, Any], save_now: bool, is_last: bool, model: nn.Module,
-            optimizer: torch.optim.Optimizer, scheduler: Any, kd_warmup: KDWarmup, state: TrainState,
+            optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
             val_set: CocoDetection, cfg: Config, ctx: WorkerContext) -> None:
     """Report metrics; at checkpoint iterations also evaluate (when due) and hand a checkpoint to the runtime."""
     t = cfg.train
@@ -375,7 +342,7 @@ def _report(metrics: dict[str, Any], save_now: bool, is_last: bool, model: nn.Mo
                 "version": CHECKPOINT_VERSION, "kind": "training", "role": t.role, "width": cfg.model.width,
                 "iteration": state.iteration, "best_ap": state.best_ap, "config": cfg.to_dict(),
                 "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "kd_warmup": kd_warmup.state_dict(),
+                "scheduler": scheduler.state_dict(), **unwrap(model).training_state(),
                 "metrics": _numbers(metrics),
                 "history": state.history, "resumed_from": state.resumed_from,
             }, out / CHECKPOINT_FILE)

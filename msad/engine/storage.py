@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from msad.files import write_atomically
+
 
 def is_uri(location: str | Path) -> bool:
     """True for scheme://... locations (s3, gs, ...); plain paths are local or NFS."""
@@ -70,11 +72,7 @@ def read_bytes(location: str) -> bytes:
 def write_bytes(location: str, data: bytes) -> None:
     """Write a whole file; local writes go through a temp file + rename, object stores put whole objects."""
     if not is_uri(location):
-        target = Path(location)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        write_atomically(Path(location), lambda f: f.write(data))
         return
     fs, path = filesystem(location)
     with fs.open_output_stream(path) as stream:

@@ -12,7 +12,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,6 @@ import yaml
 
 from msad import console
 from msad.build import (
-    DataPaths,
     annotation_cache_dir,
     build_model,
     build_val_dataset,
@@ -31,8 +30,10 @@ from msad.build import (
 )
 from msad.config import Config, check_ready_to_train, config_from_dict
 from msad.data.coco_cache import load_annotations
+from msad.data.paths import DataPaths
 from msad.engine import storage
 from msad.engine.checkpoint import CHECKPOINT_FILE, check_teacher_for_student, checkpoint_config, load_checkpoint
+from msad.engine.evaluate import METRIC_NAMES
 from msad.engine.gpu import PreflightTorchConfig, gpu_error_line
 from msad.errors import RunFailedError, UserError
 
@@ -48,7 +49,7 @@ class RunResult:
     best_checkpoint: str | None  # best by AP
 
     def summary(self) -> dict[str, Any]:
-        keys = ("iteration", "AP", "AP50", "AP75", "APs", "APm", "APl", "loss_total")
+        keys = ("iteration", *METRIC_NAMES, "loss_total")
         return {"run_dir": self.run_dir, "checkpoint": self.checkpoint, "best_checkpoint": self.best_checkpoint,
                 **{k: self.metrics[k] for k in keys if k in self.metrics}}
 
@@ -238,7 +239,8 @@ def _local_log_file(run_dir: str, run_name: str) -> Path:
 
 
 def fit(cfg: Config, address: str | None = None, callbacks: list[Any] | None = None,
-        check_storage: bool = True, progress: bool = False) -> RunResult:
+        check_storage: bool = True, progress: bool = False,
+        train_loop: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     """Run one training with Ray Train. Re-running the same run_name (same config) resumes from its checkpoints.
 
     Args:
@@ -248,6 +250,9 @@ def fit(cfg: Config, address: str | None = None, callbacks: list[Any] | None = N
         check_storage: check that every node sees distributed.storage_path (a sweep checks once for all trials).
         progress: show a progress bar and evaluations on `msad.console` (the `train` command; not inside sweeps);
             an active `msad.console.capture` then keeps its log as the run's `train.log`.
+        train_loop: what each worker runs, called with {"config": ..., "data_paths": ...}; default
+            `msad.engine.loop.train_loop_per_worker` (benchmarks pass one that wraps it, as Ray's trainers take
+            `train_loop_per_worker`).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -274,7 +279,7 @@ def fit(cfg: Config, address: str | None = None, callbacks: list[Any] | None = N
     d = cfg.distributed
     resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.use_gpu else {})}
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop or train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data_paths": {k: str(v) for k, v in asdict(paths).items()}},
         torch_config=PreflightTorchConfig(backend="nccl" if d.use_gpu else "gloo"),  # nccl: GPU checked first
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
@@ -369,7 +374,8 @@ def evaluate_checkpoint(cfg: Config, weights: str, output_dir: Path, branch: str
     ctx = LocalContext()
     model.to(ctx.device)
     output_dir.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate(model, val_set, run_cfg, ctx, output_json=output_dir / RESULTS_FILE, branch=branch,
+    chosen = branch if branch in model.branches else None  # a model with one output ignores it
+    metrics = evaluate(model, val_set, run_cfg, ctx, output_json=output_dir / RESULTS_FILE, branch=chosen,
                        bootstrap_json=output_dir / BOOTSTRAP_FILE)
     metrics = {**metrics, "role": state["role"], "width": state["width"], "iteration": state["iteration"],
                "branch": branch if state["role"] == "teacher" else "student"}

@@ -17,7 +17,6 @@ Detectron2's defaults is refused.)
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from msad.data.transforms import DETECTRON2_PIXEL_MEAN, DETECTRON2_PIXEL_STD, IMAGENET_MEAN, IMAGENET_STD
 from msad.errors import UserError
+from msad.files import read_tensor_file
 
 _PIXEL_STATS = {"pixel_mean": DETECTRON2_PIXEL_MEAN, "pixel_std": DETECTRON2_PIXEL_STD}
 STEM_WEIGHT = "backbone.features.0.0.weight"
@@ -153,20 +153,7 @@ def load_original(path: str | Path, fold_input: bool = True) -> ConvertedCheckpo
         fold_input: see ``convert_original``.
     """
     path = Path(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist") from None
-    except pickle.UnpicklingError as e:
-        if "numpy" in str(e):
-            raise UserError(
-                f"{path} holds numpy arrays, which safe loading (weights_only) refuses; if you trust the file, "
-                "re-save it with tensors: torch.save({'model': {k: torch.as_tensor(v) for k, v in "
-                "torch.load(src, weights_only=False)['model'].items()}}, dst)"
-            ) from None
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, OSError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    data = read_tensor_file(path, "checkpoint")
     if not isinstance(data, dict):
         raise UserError(f"checkpoint {path} is a {type(data).__name__}, not a Detectron2 checkpoint dict")
     state = data.get("model", data)

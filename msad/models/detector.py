@@ -10,16 +10,16 @@ parameters. Build optimizers from ``requires_grad`` parameters only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from msad.errors import UserError
 from msad.models.fcos import STRIDES, FCOSHead, HeadOutputs, fcos_detections, fcos_losses
 from msad.models.fpn import FeaturePyramid
 from msad.models.slimmable import WIDTHS, SlimmableResNet50
+from msad.models.trainable import Trainable, check_single_branch
 
 # Levels read at each resolution: H's P(k+1) and L's P(k) have the same size and both predict at STRIDES[k-2].
 HIGH_LEVELS: tuple[str, ...] = ("p3", "p4", "p5", "p6", "p7")
@@ -105,50 +105,24 @@ def pyramid_features(
     return [features[name] for name in levels]
 
 
-def load_state_strictly(
-    model: nn.Module, state: Mapping[str, Tensor], source: str, ignore_prefixes: Sequence[str] = ()
-) -> None:
-    """Load ``state`` into ``model`` only if it fits exactly; otherwise raise UserError naming the first bad key.
-
-    Every model key must be in ``state`` with the same shape, and every ``state`` key must be a model key unless it
-    starts with one of ``ignore_prefixes``. Checked before loading, so a bad state never half-loads a model.
+class SlimmableFCOS(Trainable):
+    """The trio every model here is made of, at one width; a subclass names the pyramid levels it reads (the rest
+    is frozen, see ``build_fcos_parts``) and its own settings, and passes these on as keywords.
 
     Args:
-        model: the module to fill.
-        state: tensors keyed like ``model.state_dict()``.
-        source: what ``state`` came from (a file, "teacher state"), for the message.
-        ignore_prefixes: key prefixes ``state`` may carry that the model has no counterpart for.
-    """
-    expected = model.state_dict()
-    for key, tensor in expected.items():
-        if key not in state:
-            raise UserError(f"{source} has no key {key!r}, which the model needs")
-        if not isinstance(state[key], Tensor) or state[key].shape != tensor.shape:
-            found = tuple(state[key].shape) if isinstance(state[key], Tensor) else type(state[key]).__name__
-            raise UserError(
-                f"{source}: key {key!r} is {found}, the model expects shape {tuple(tensor.shape)} "
-                "(built with another width, widths list, fpn_channels, head or class count?)"
-            )
-    for key in state:
-        if key not in expected and not key.startswith(tuple(ignore_prefixes)):
-            raise UserError(f"{source} has key {key!r}, which no module of the model matches")
-    model.load_state_dict({key: state[key] for key in expected}, strict=True)
-
-
-class FCOSDetector(nn.Module):
-    """Plain FCOS at one resolution: P3..P7 of the input image at strides 8..128 (the "no MSAD" baseline).
-
-    Args:
-        width: slimmable width the detector runs at.
+        levels: every pyramid level the model reads, over all its passes.
+        width: slimmable width the model runs at (a student's must equal its teacher's).
         width_list: widths the backbone's weights serve.
-        fpn_channels: pyramid and head channels.
+        fpn_channels: pyramid and head channels (C of the teacher's fusion; equal on both sides of distillation).
         num_classes: foreground classes.
         head_convs: conv blocks per head tower.
         gn_groups: GroupNorm groups in the head.
+        giou_plus_one: the original's smoothed GIoU (``fcos_losses``).
     """
 
     def __init__(
         self,
+        levels: Sequence[str],
         width: float = 1.0,
         width_list: Sequence[float] = WIDTHS,
         fpn_channels: int = 256,
@@ -158,14 +132,25 @@ class FCOSDetector(nn.Module):
         giou_plus_one: bool = False,
     ) -> None:
         super().__init__()
-        self.giou_plus_one = giou_plus_one  # the original's smoothed GIoU (fcos_losses)
+        self.giou_plus_one = giou_plus_one
         self.backbone, self.pyramid, self.head = build_fcos_parts(
-            width, width_list, fpn_channels, num_classes, head_convs, gn_groups, HIGH_LEVELS
+            width, width_list, fpn_channels, num_classes, head_convs, gn_groups, levels
         )
 
     @property
     def width(self) -> float:
         return self.backbone.width
+
+
+class FCOSDetector(SlimmableFCOS):
+    """Plain FCOS at one resolution: P3..P7 of the input image at strides 8..128 (the "no MSAD" baseline).
+
+    Args:
+        parts: ``SlimmableFCOS``'s settings (width, channels, classes, ...).
+    """
+
+    def __init__(self, **parts: Any) -> None:
+        super().__init__(HIGH_LEVELS, **parts)
 
     def head_outputs(self, images: Tensor) -> HeadOutputs:
         """Raw head predictions on P3..P7 of ``images`` [B, 3, H, W]."""
@@ -181,12 +166,15 @@ class FCOSDetector(nn.Module):
         return fcos_losses(self.head_outputs(images), targets, STRIDES, self.giou_plus_one)
 
     @torch.no_grad()
-    def predict(self, images: Tensor, image_sizes: list[tuple[int, int]], **postprocess_kwargs) -> list[dict]:
+    def predict(self, images: Tensor, image_sizes: list[tuple[int, int]], branch: str | None = None,
+                **postprocess_kwargs) -> list[dict]:
         """Detections per image ({"boxes", "scores", "labels"}) in ``images`` pixels; call ``eval()`` first.
 
         Args:
             images: [B, 3, H, W] padded, normalised batch.
             image_sizes: (h, w) of each image before padding; boxes are clipped to it.
+            branch: None (one output; the argument is there for the interface every trainable model shares).
             postprocess_kwargs: thresholds for ``fcos_detections`` (score_thresh, nms_thresh, ...).
         """
+        check_single_branch(self, branch)
         return fcos_detections(self.head_outputs(images), STRIDES, image_sizes, **postprocess_kwargs)

@@ -44,6 +44,7 @@ class FeaturePyramid(nn.Module):
 
     def __init__(self, in_channels: dict[str, int], out_channels: int, top_levels: bool = True) -> None:
         super().__init__()
+        self.out_channels = out_channels
         if not in_channels or any(not (k.startswith("res") and k[3:].isdigit()) for k in in_channels):
             raise ValueError(f"in_channels keys must be 'res<k>', got {list(in_channels)}")
         self._levels = sorted(int(k[3:]) for k in in_channels)  # backbone levels, finest first

@@ -18,12 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msad.config import WIDTHS
 from msad.errors import UserError
+from msad.files import read_tensor_file
+from msad.models.state import load_state_strictly
 
 # (output name, bottleneck blocks, output channels at width 1.0, stride of the stage's first block).
 _STAGES: tuple[tuple[str, int, int, int], ...] = (
@@ -206,41 +207,6 @@ class SlimmableResNet50(nn.Module):
         return outputs
 
 
-def _read_weights(path: Path) -> object:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"weights file {path} does not exist") from None
-    except Exception as e:  # unpickling fails in many ways; the user needs which file and the first line of why
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"cannot read weights file {path}: {type(e).__name__} {reason}") from None
-
-
-def _check_and_load(
-    model: nn.Module, expected: dict[str, Tensor], found: dict[str, Tensor], to_ours: dict[str, str], path: Path
-) -> None:
-    """Load ``found`` into ``model`` if its keys are exactly ``expected``'s and every shape matches.
-
-    Both dicts use the file's key names, so the message names a key the user can find in the file; the first
-    offending key is reported (model order for missing / wrong shape, then file order for unexpected).
-    ``to_ours`` maps each expected file key to the model's key.
-    """
-    for key, tensor in expected.items():
-        if key not in found:
-            raise UserError(f"weights file {path} is missing key {key!r}")
-        shape = getattr(found[key], "shape", None)
-        if shape != tensor.shape:
-            raise UserError(
-                f"weights file {path}: key {key!r} has shape {None if shape is None else tuple(shape)}, "
-                f"the model expects {tuple(tensor.shape)}"
-            )
-    for key in found:
-        if key not in expected:
-            raise UserError(f"weights file {path} has unexpected key {key!r}")
-    result = model.load_state_dict({to_ours[k]: v for k, v in found.items()}, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
-
-
 def load_slimmable_imagenet(model: SlimmableResNet50, path: str | Path) -> None:
     """Load the slimmable_networks ImageNet file (``s_resnet50_0.25_0.5_0.75_1.0.pt``) into ``model``.
 
@@ -255,14 +221,13 @@ def load_slimmable_imagenet(model: SlimmableResNet50, path: str | Path) -> None:
     path = Path(path)
     if tuple(model.width_list) != WIDTHS:
         raise UserError(f"{path} holds widths {WIDTHS}; build the backbone with width_list={WIDTHS}")
-    data = _read_weights(path)
+    data = read_tensor_file(path, "weights file")
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise UserError(f"weights file {path} is not a slimmable_networks checkpoint (a dict with key 'model')")
     # DataParallel saved it with "module."; accept a file re-saved without the wrapper too.
     prefix = "module." if any(k.startswith("module.") for k in data["model"]) else ""
     found = {k: v for k, v in data["model"].items() if not k.startswith(f"{prefix}classifier.")}
-    expected = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
-    _check_and_load(model, expected, found, {f"{prefix}{k}": k for k in model.state_dict()}, path)
+    load_state_strictly(model, found, f"weights file {path}", key_in_state=lambda key: f"{prefix}{key}")
 
 
 _TORCHVISION_MODULE = {
@@ -310,13 +275,8 @@ def load_torchvision_resnet50(model: SlimmableResNet50, path: str | Path) -> Non
     if 1.0 not in model.width_list:
         raise UserError(f"loading torchvision weights from {path} needs 1.0 in width_list, got {model.width_list}")
     bn_index = model.width_list.index(1.0)
-    data = _read_weights(path)
+    data = read_tensor_file(path, "weights file")
     if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
         raise UserError(f"weights file {path} is not a torchvision state dict (a flat dict of tensors)")
-    found = {k: v for k, v in data.items() if not k.startswith("fc.")}
-    expected, to_ours = {}, {}
-    for ours, tensor in model.state_dict().items():
-        key = _torchvision_key(ours, bn_index)
-        if key is not None:
-            expected[key], to_ours[key] = tensor, ours
-    _check_and_load(model, expected, found, to_ours, path)
+    load_state_strictly(model, data, f"weights file {path}", ignore_prefixes=("fc.",),
+                        key_in_state=lambda key: _torchvision_key(key, bn_index))

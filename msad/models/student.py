@@ -12,17 +12,19 @@ with ``kd_weight = alpha * ramp`` supplied by the caller from ``KDWarmup.weight`
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from msad.data.transforms import to_low_resolution
 from msad.errors import UserError
-from msad.models.detector import LOW_LEVELS, build_fcos_parts, load_state_strictly, pyramid_features
+from msad.models.detector import LOW_LEVELS, SlimmableFCOS, pyramid_features
 from msad.models.fcos import STRIDES, HeadOutputs, fcos_detections, fcos_losses
-from msad.models.slimmable import WIDTHS
+from msad.models.state import load_state_strictly
 from msad.models.teacher import MSADTeacher
+from msad.models.trainable import check_single_branch
 
 KD_LOSSES: tuple[str, ...] = ("l1", "mse")
 # Teacher parameters a student has no counterpart for; everything else must match key for key.
@@ -91,7 +93,7 @@ class KDWarmup:
         self.iteration = state["iteration"]
 
 
-class MSADStudent(nn.Module):
+class MSADStudent(SlimmableFCOS):
     """The "L" student: its own backbone + pyramid + head at its teacher's width, reading L only.
 
     Its ``forward`` and ``predict`` take the H batch -- the very tensor the teacher gets -- and make L themselves
@@ -100,46 +102,22 @@ class MSADStudent(nn.Module):
     it (the layout shared with the teacher) but frozen, so every trainable parameter gets a gradient.
 
     Args:
-        width: slimmable width; must equal the teacher's.
-        width_list: widths the backbone's weights serve.
-        fpn_channels: pyramid and head channels (the teacher's, for the feature match).
-        num_classes: foreground classes.
-        head_convs: conv blocks per head tower.
-        gn_groups: GroupNorm groups in the head.
         low_res_mode: how L is made from H; must match the teacher's.
         temperature: T of the distillation loss (3.0 in the paper).
         kd_loss: "l1" (the paper) or "mse".
+        parts: ``SlimmableFCOS``'s settings (width, channels, classes, ...); width and channels the teacher's.
     """
 
-    def __init__(
-        self,
-        width: float = 1.0,
-        width_list: Sequence[float] = WIDTHS,
-        fpn_channels: int = 256,
-        num_classes: int = 80,
-        head_convs: int = 4,
-        gn_groups: int = 32,
-        low_res_mode: str = "nearest",
-        temperature: float = 3.0,
-        kd_loss: str = "l1",
-        giou_plus_one: bool = False,
-    ) -> None:
-        super().__init__()
-        self.giou_plus_one = giou_plus_one  # the original's smoothed GIoU (fcos_losses)
+    def __init__(self, low_res_mode: str = "nearest", temperature: float = 3.0, kd_loss: str = "l1",
+                 **parts: Any) -> None:
+        super().__init__(LOW_LEVELS, **parts)
         if temperature <= 0:
             raise UserError(f"distillation temperature must be > 0, got {temperature}")
         if kd_loss not in KD_LOSSES:
             raise UserError(f"unknown distillation loss {kd_loss!r}; allowed: {', '.join(KD_LOSSES)}")
-        self.backbone, self.pyramid, self.head = build_fcos_parts(
-            width, width_list, fpn_channels, num_classes, head_convs, gn_groups, LOW_LEVELS
-        )
         self.low_res_mode = low_res_mode
         self.temperature = float(temperature)
         self.kd_loss = kd_loss
-
-    @property
-    def width(self) -> float:
-        return self.backbone.width
 
     def low_features(self, images: Tensor) -> list[Tensor]:
         """The student's P2..P6 on L = H/2 of the H batch ``images`` (aligned with the teacher's fused levels)."""
@@ -175,14 +153,17 @@ class MSADStudent(nn.Module):
         return self.head(self.low_features(images))
 
     @torch.no_grad()
-    def predict(self, images: Tensor, image_sizes: list[tuple[int, int]], **postprocess_kwargs) -> list[dict]:
+    def predict(self, images: Tensor, image_sizes: list[tuple[int, int]], branch: str | None = None,
+                **postprocess_kwargs) -> list[dict]:
         """Detections per image in H pixels, running only the student (no teacher needed); call ``eval()`` first.
 
         Args:
             images: the H batch [B, 3, H, W] padded to a multiple of 256; only its L = H/2 is read.
             image_sizes: (h, w) of each H image before padding.
+            branch: None (one output).
             postprocess_kwargs: thresholds for ``fcos_detections``.
         """
+        check_single_branch(self, branch)
         return fcos_detections(self.head_outputs(images), STRIDES, image_sizes, **postprocess_kwargs)
 
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from msad.data.transforms import to_low_resolution
 from msad.errors import UserError
-from msad.models.detector import HIGH_LEVELS, LOW_LEVELS, build_fcos_parts, pyramid_features
+from msad.models.detector import HIGH_LEVELS, LOW_LEVELS, SlimmableFCOS, pyramid_features
 from msad.models.fcos import STRIDES, HeadOutputs, fcos_detections, fcos_losses
-from msad.models.slimmable import WIDTHS
 
 BRANCHES: tuple[str, ...] = ("high", "low", "fused")
+HIGH_BRANCH_PREFIX = "H_"  # metric keys of the H branch's evaluation: H_AP, H_AP_lo, ...
 
 
 def check_aligned(high: Sequence[Tensor], low: Sequence[Tensor]) -> None:
@@ -117,54 +118,29 @@ class TeacherFeatures:
     fusion_weights: Tensor
 
 
-class MSADTeacher(nn.Module):
+class MSADTeacher(SlimmableFCOS):
     """The "H & L" teacher of MSAD (or, with ``fusion=False``, the "teacher on H only" ablation).
 
     Args:
-        width: slimmable width; the student distilled from this teacher must use the same.
-        width_list: widths the backbone's weights serve.
-        fpn_channels: pyramid and head channels (C of the fusion).
-        num_classes: foreground classes.
-        head_convs: conv blocks per head tower.
-        gn_groups: GroupNorm groups in the head.
         fusion: True runs H and L with C-FF; False runs H only (no L pass, no fusion module).
         joint_weight: weight of the fused branch's losses (0.4 in the paper).
         low_res_mode: how L is made from H ("nearest" as the original, or "antialias"); the student must match.
         fusion_hidden: bottleneck width of C-FF.
         fusion_init: C-FF's initialisation, "zero" or "original" (see ``CrossLevelFusion``).
+        parts: ``SlimmableFCOS``'s settings (width, channels, classes, ...); its students must share width and
+            channels.
     """
 
-    def __init__(
-        self,
-        width: float = 1.0,
-        width_list: Sequence[float] = WIDTHS,
-        fpn_channels: int = 256,
-        num_classes: int = 80,
-        head_convs: int = 4,
-        gn_groups: int = 32,
-        fusion: bool = True,
-        joint_weight: float = 0.4,
-        low_res_mode: str = "nearest",
-        fusion_hidden: int = 32,
-        fusion_init: str = "zero",
-        giou_plus_one: bool = False,
-    ) -> None:
-        super().__init__()
-        self.giou_plus_one = giou_plus_one  # the original's smoothed GIoU (fcos_losses)
-        levels = sorted(set(HIGH_LEVELS) | set(LOW_LEVELS)) if fusion else HIGH_LEVELS
-        self.backbone, self.pyramid, self.head = build_fcos_parts(
-            width, width_list, fpn_channels, num_classes, head_convs, gn_groups, levels
-        )
+    branches = BRANCHES
+
+    def __init__(self, fusion: bool = True, joint_weight: float = 0.4, low_res_mode: str = "nearest",
+                 fusion_hidden: int = 32, fusion_init: str = "zero", **parts: Any) -> None:
+        super().__init__(sorted(set(HIGH_LEVELS) | set(LOW_LEVELS)) if fusion else HIGH_LEVELS, **parts)
         self.fusion: CrossLevelFusion | None = (
-            CrossLevelFusion(fpn_channels, fusion_hidden, fusion_init) if fusion else None
+            CrossLevelFusion(self.pyramid.out_channels, fusion_hidden, fusion_init) if fusion else None
         )
         self.joint_weight = float(joint_weight)
         self.low_res_mode = low_res_mode
-        self._latest_high_weights: Tensor | None = None  # mean a(H) per level in the last training batch
-
-    @property
-    def width(self) -> float:
-        return self.backbone.width
 
     def fuse_aligned_levels(self, images: Tensor) -> TeacherFeatures:
         """Run the backbone + pyramid on H (P3..P7) and on L = H/2 (P2..P6), check alignment, fuse.
@@ -195,7 +171,9 @@ class MSADTeacher(nn.Module):
         return [HeadOutputs(*([level[b] for level in field] for field in splits)) for b in range(count)]
 
     def forward(self, images: Tensor, targets: list[dict]) -> dict[str, Tensor]:
-        """Training losses ``loss_{cls,box,ctr}_{high,low,fused}``; the objective is their plain sum.
+        """Training losses ``loss_{cls,box,ctr}_{high,low,fused}`` (the objective is their plain sum) and, with
+        fusion, the diagnostics ``fusion_high_p3``..``p7``: C-FF's mean weight on H per level in this batch, logged
+        with the losses so that a fusion collapsing onto one resolution shows in the run's curves.
 
         The fused terms are already multiplied by ``joint_weight``. A ``fusion=False`` teacher returns the high
         terms only.
@@ -208,37 +186,33 @@ class MSADTeacher(nn.Module):
         if self.fusion is None:
             high_losses = fcos_losses(self.head(features.high), targets, STRIDES, self.giou_plus_one)
             return {f"{name}_high": value for name, value in high_losses.items()}
-        self._latest_high_weights = features.fusion_weights[..., 0].detach().mean(0)
         outputs = self._head_per_branch([features.high, features.low, features.fused])
         losses: dict[str, Tensor] = {}
         for branch, branch_outputs in zip(BRANCHES, outputs, strict=True):
             weight = self.joint_weight if branch == "fused" else 1.0
             for name, value in fcos_losses(branch_outputs, targets, STRIDES, self.giou_plus_one).items():
                 losses[f"{name}_{branch}"] = value * weight
-        return losses
+        high_weights = features.fusion_weights[..., 0].detach().float().mean(0)
+        return {**losses, **{f"fusion_high_{level}": w for level, w in zip(HIGH_LEVELS, high_weights, strict=True)}}
 
-    def fusion_metrics(self) -> dict[str, Tensor]:
-        """``fusion_high_p3``..``p7``: C-FF's mean weight on H per level in the last training batch.
-
-        Logged with the losses, so a fusion that collapses onto one resolution shows in the run's curves.
-        """
-        if self._latest_high_weights is None:
-            return {}
-        return {f"fusion_high_{level}": w for level, w in zip(HIGH_LEVELS, self._latest_high_weights, strict=True)}
+    def evaluation_branches(self) -> dict[str, str | None]:
+        """The fused output, and with fusion also the H branch alone (``H_`` keys): what C-FF adds."""
+        return {"": "fused", HIGH_BRANCH_PREFIX: "high"} if self.fusion is not None else {"": "fused"}
 
     @torch.no_grad()
     def predict(
-        self, images: Tensor, image_sizes: list[tuple[int, int]], branch: str = "fused", **postprocess_kwargs
+        self, images: Tensor, image_sizes: list[tuple[int, int]], branch: str | None = "fused", **postprocess_kwargs
     ) -> list[dict]:
         """Detections per image in H pixels from one branch, computing only what that branch needs.
 
         Args:
             images: the H batch [B, 3, H, W], padded to a multiple of 256.
             image_sizes: (h, w) of each H image before padding.
-            branch: "fused" (the teacher's real output: needs H and L), "high" (H only) or "low" (L only; not
-                available without fusion, since such a teacher never trained on L).
+            branch: "fused" or None (the teacher's real output: needs H and L), "high" (H only) or "low" (L only;
+                not available without fusion, since such a teacher never trained on L).
             postprocess_kwargs: thresholds for ``fcos_detections``.
         """
+        branch = branch or "fused"
         if branch not in BRANCHES:
             raise UserError(f"unknown teacher branch {branch!r}; allowed: {', '.join(BRANCHES)}")
         if branch == "high" or (branch == "fused" and self.fusion is None):

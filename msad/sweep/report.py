@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from msad.engine import storage
+from msad.engine.evaluate import METRIC_NAMES
 from msad.errors import UserError
 
 if TYPE_CHECKING:
@@ -42,7 +43,6 @@ RESOLUTIONS = {"teacher": "H & L", "student": "L", "fcos": "H"}  # the README's 
 ROLE_NAMES = {"teacher": "Teacher", "student": "Student", "fcos": "Baseline"}
 FINAL_STATUSES = ("TERMINATED", "ERROR", "STOPPED")  # Tune's words; STOPPED = ended early by the scheduler (ASHA)
 RUNNING = "RUNNING"  # a summary being filled in by its trial; never written
-METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 INTERVAL_KEYS = ("AP_lo", "AP_hi", "AP50_lo", "AP50_hi", "APs_lo", "APs_hi", "H_AP", "H_AP_lo", "H_AP_hi")
 REPLICATE_KEYS = ("replicates", "H_replicates")  # long lists: kept in the JSON rows, not in CSV or W&B summaries
 PAPER_SHORT_SIDE, PAPER_LONG_SIDE = 800, 1333
@@ -242,7 +242,7 @@ class TrialSummary:
         """This summary for a trial that ran to the end: its last metrics and its (best) checkpoint.
 
         Args:
-            metrics: the trial's final metrics; the keys of METRIC_KEYS and INTERVAL_KEYS it lacks stay None.
+            metrics: the trial's final metrics; the keys of METRIC_NAMES and INTERVAL_KEYS it lacks stay None.
             checkpoint: the checkpoint file to use (students: the teacher file a later sweep names).
             replicates: {"replicates": ..., "H_replicates": ...} of the final evaluation, when it bootstrapped.
         """
@@ -258,14 +258,14 @@ class TrialSummary:
         return dataclasses.replace(self, status="ERROR", error=error)
 
     def _with_metrics(self, metrics: dict[str, Any], status: str, checkpoint: str | Path | None) -> TrialSummary:
-        values = {key: _finite_or_none(metrics.get(key)) for key in (*METRIC_KEYS, *INTERVAL_KEYS)}
+        values = {key: _finite_or_none(metrics.get(key)) for key in (*METRIC_NAMES, *INTERVAL_KEYS)}
         return dataclasses.replace(self, **values, status=status,
                                    checkpoint=None if checkpoint is None else str(checkpoint))
 
     def to_json(self) -> str:
         """Strict JSON (no NaN): unmeasured metrics are null."""
         data = dataclasses.asdict(self)
-        for key in (*METRIC_KEYS, *INTERVAL_KEYS):
+        for key in (*METRIC_NAMES, *INTERVAL_KEYS):
             data[key] = _finite_or_none(data[key])
         return json.dumps(data, indent=2, allow_nan=False) + "\n"
 
@@ -288,7 +288,7 @@ class TrialSummary:
         if data["role"] not in ROLES or data["status"] not in FINAL_STATUSES:
             raise ValueError(f"role {data['role']!r} (allowed: {', '.join(ROLES)}) or status {data['status']!r} "
                              f"(allowed: {', '.join(FINAL_STATUSES)}) not allowed")
-        for key in (*METRIC_KEYS, *INTERVAL_KEYS):
+        for key in (*METRIC_NAMES, *INTERVAL_KEYS):
             data[key] = _finite_or_none(data.get(key))
         return cls(**data)
 

@@ -247,14 +247,14 @@ def run_trial(config: dict[str, Any]) -> None:
 def final_replicates(result: dict[str, Any]) -> dict[str, Any]:
     """The bootstrap replicates of a finished trial's final evaluation, read from beside its last checkpoint
     (`msad.engine.loop.BOOTSTRAP_FILE`): {"replicates": ..., "H_replicates": ...} as far as they exist."""
-    from msad.engine.loop import BOOTSTRAP_FILE, HIGH_BRANCH_SUFFIX
+    from msad.engine.loop import BOOTSTRAP_FILE, branch_file
 
     final = result.get("final_checkpoint")
     if not final:
         return {}
     found = {}
     for key, name in (("replicates", BOOTSTRAP_FILE),
-                      ("H_replicates", BOOTSTRAP_FILE.replace(".json", f"{HIGH_BRANCH_SUFFIX}.json"))):
+                      ("H_replicates", branch_file(BOOTSTRAP_FILE, "high"))):
         location = storage.sibling(str(final), name)  # a local path or an s3:// URI alike
         if storage.exists(location):
             found[key] = json.loads(storage.read_bytes(location))
