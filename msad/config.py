@@ -133,6 +133,10 @@ class TrainConfig:
     # across models in the report; earlier evaluations are point estimates); 0 = off. About 0.2 s on 64 images,
     # 100 resamples about 50 s over plain COCOeval on 5,000 (benchmarks/RESULTS.md)
     bootstrap_samples: int = 500
+    # also report val_loss at every evaluation: the detection loss terms (no distillation term, so comparable across
+    # KD weights) on the validation images; a smoother signal than AP for ASHA (scheduler.metric: val_loss, mode
+    # min) at the cost of one more forward pass per validation image
+    eval_loss: bool = False
     keep_checkpoints: int = 2  # last-K checkpoints kept, besides the best by AP
     log_period: int = 10  # iterations between metric reports
     seed: int = 0

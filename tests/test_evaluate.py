@@ -130,3 +130,39 @@ def test_results_round_trip_to_perfect_ap(coco_gt: COCO) -> None:
         detections.append({"boxes": xyxy, "scores": torch.full((len(boxes),), 0.5), "labels": torch.zeros(2).long()})
         targets.append({"image_id": image_id, "scale": 1.5, "orig_size": (60, 80)})
     assert coco_evaluate(coco_gt, to_coco_results(detections, targets, [5]))["AP"] == 1.0
+
+
+def test_validation_loss_is_the_detection_loss_on_the_val_images(tmp_path: Path, shapes_cache: Path) -> None:
+    """train.eval_loss: with every validation image in one batch (one padded size), val_loss is the model's loss on
+    that batch in eval mode, by hand; a student's excludes distillation, so it does not depend on the KD weight."""
+    from conftest import make_tiny_config
+
+    from msad.build import build_model, build_val_dataset, resolve_data_paths
+    from msad.data.transforms import collate
+    from msad.engine.loop import evaluate
+    from msad.engine.trainer import LocalContext
+    from msad.models.distiller import Distiller
+    from msad.models.student import KDWarmup
+    from msad.models.trainable import loss_terms
+
+    cfg = make_tiny_config(tmp_path, shapes_cache, "fcos", "val-loss", "train.batch_per_worker=6",
+                           "train.eval_loss=true", "train.bootstrap_samples=0")
+    val_set = build_val_dataset(cfg, resolve_data_paths(cfg.data))
+    torch.manual_seed(0)
+    model = build_model(cfg, load_pretrained=False)
+    ctx = LocalContext(torch.device("cpu"))
+    metrics = evaluate(model, val_set, cfg, ctx, with_loss=True)
+    batch = collate([val_set[i] for i in range(len(val_set))], cfg.data.size_divisibility)
+    assert batch.images.shape[0] == 6
+    with torch.no_grad():
+        expected = float(sum(loss_terms(model.eval()(batch.images, batch.targets)).values()))
+    assert metrics["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert "val_loss" not in evaluate(model, val_set, cfg, ctx)  # only when asked
+
+    student_cfg = make_tiny_config(tmp_path, shapes_cache, "student", "val-loss-s", "train.batch_per_worker=6",
+                                   "train.eval_loss=true", "train.bootstrap_samples=0", "train.teacher_checkpoint=t")
+    teacher_cfg = make_tiny_config(tmp_path, shapes_cache, "teacher", "val-loss-t")
+    student, teacher = build_model(student_cfg, load_pretrained=False), build_model(teacher_cfg).eval()
+    losses = [evaluate(Distiller(student, teacher, KDWarmup(alpha, 0)), val_set, student_cfg, ctx,
+                       with_loss=True)["val_loss"] for alpha in (0.0, 0.8)]
+    assert losses[0] == losses[1] and math.isfinite(losses[0])

@@ -107,6 +107,10 @@ def test_overrides_apply_to_every_trial(tmp_path: Path) -> None:
         ("name: t\n", "a sweep needs a teachers or a students section"),
         ("name: t\nscheduler: {type: hyperband}\nteachers: {}\n", "scheduler.type: invalid value 'hyperband'"),
         ("name: t\nmax_concurrent_trials: 0\nteachers: {}\n", "max_concurrent_trials: invalid value 0"),
+        ("name: t\nscheduler: {type: asha, metric: val_loss, mode: min}\nteachers: {}\nstudents: {}\n",
+         "scheduler.metric: val_loss needs train.eval_loss: true for the students"),
+        ("name: t\nscheduler: {type: asha, metric: val_loss}\nconfig: {train: {eval_loss: true}}\nteachers: {}\n"
+         "students: {}\n", "scheduler.mode: invalid value 'max' for val_loss; allowed: min"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:

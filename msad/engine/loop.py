@@ -135,10 +135,11 @@ def with_batch_norm_sync(model: nn.Module, cfg: Config, device: torch.device, wo
 
 def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerContext,
              output_json: Path | None = None, branch: str | None = None,
-             bootstrap_json: Path | None = None, intervals: bool = True) -> dict[str, float]:
+             bootstrap_json: Path | None = None, intervals: bool = True, with_loss: bool = False) -> dict[str, float]:
     """COCO box AP of `model` on `dataset`, with bootstrap intervals (`train.bootstrap_samples`) unless `intervals`
     is False; inference is split across workers and gathered on rank 0. `branch` picks one of the model's
-    outputs (a teacher's "high", ...); None is its own output.
+    outputs (a teacher's "high", ...); None is its own output. `with_loss` adds "val_loss": the model's
+    `validation_losses` summed per batch, averaged over batches weighted by their image counts.
 
     Batches hold images of one padded size (`same_padding_batches`), so every image's detections are what it gets
     alone, whatever the batch size. Every rank returns the same metrics (rank 0 broadcasts them). Rank 0 writes
@@ -153,17 +154,23 @@ def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerC
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=d.num_workers,
                         collate_fn=Collate(d.size_divisibility))
     results: list[dict[str, Any]] = []
+    loss_sum = torch.zeros(2, dtype=torch.float64)  # sum over images of the per-batch loss, images
     with torch.inference_mode(), _autocast(cfg, ctx.device):
         for batch in loader:
             batch = batch.to(ctx.device)
+            if with_loss:
+                terms = module.validation_losses(batch.images, batch.targets)
+                loss_sum += torch.tensor([float(sum(terms.values())) * len(batch.targets), len(batch.targets)],
+                                         dtype=torch.float64)
             detections = module.predict(batch.images, batch.image_sizes, branch)
             detections = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in d.items()}
                           for d in detections]
             results.extend(to_coco_results(detections, batch.targets, dataset.contiguous_to_category_id))
     if ctx.world_size > 1:
         gathered: list[Any] = [None] * ctx.world_size
-        dist.all_gather_object(gathered, results)
-        results = [r for part in gathered for r in part]
+        dist.all_gather_object(gathered, (results, loss_sum.tolist()))
+        results = [r for part, _ in gathered for r in part]
+        loss_sum = torch.tensor([sums for _, sums in gathered], dtype=torch.float64).sum(0)
     metrics: list[Any] = [None]
     if ctx.rank == 0:
         metrics[0] = coco_evaluate(dataset.coco, results, image_ids=dataset.image_ids, output_json=output_json,
@@ -172,6 +179,8 @@ def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerC
     if ctx.world_size > 1:
         dist.broadcast_object_list(metrics, src=0)
     module.train(was_training)
+    if with_loss and loss_sum[1] > 0:
+        return {**metrics[0], "val_loss": float(loss_sum[0] / loss_sum[1])}
     return metrics[0]
 
 
@@ -187,7 +196,8 @@ def _evaluate_branches(model: nn.Module, val_set: CocoDetection, cfg: Config, ct
         extra = branch if prefix else None
         files = {"output_json": out / branch_file(RESULTS_FILE, extra) if out else None,
                  "bootstrap_json": out / branch_file(BOOTSTRAP_FILE, extra) if out else None}
-        found = evaluate(model, val_set, cfg, ctx, branch=branch, intervals=final, **files)
+        found = evaluate(model, val_set, cfg, ctx, branch=branch, intervals=final,
+                         with_loss=cfg.train.eval_loss and not prefix, **files)
         metrics.update({f"{prefix}{k}": v for k, v in found.items()})
     return metrics
 

@@ -54,6 +54,12 @@ class Distiller(Trainable):
         """The student's detections (the teacher is not run)."""
         return self.student.predict(images, image_sizes, branch, **postprocess_kwargs)
 
+    def validation_losses(self, images: Tensor, targets: list[dict]) -> dict[str, Tensor]:
+        """The student's own detection terms (the teacher is not run; loss_kd is left out)."""
+        outputs = self.student.validation_losses(images, targets)
+        outputs.pop("loss_kd", None)
+        return outputs
+
     def evaluation_branches(self) -> dict[str, str | None]:
         return self.student.evaluation_branches()
 

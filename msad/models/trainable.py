@@ -44,6 +44,11 @@ class Trainable(nn.Module):
         """Metric-key prefix -> the ``predict`` branch evaluated under it; "" is the model's own output."""
         return {"": None}
 
+    def validation_losses(self, images: Tensor, targets: list[dict]) -> dict[str, Tensor]:
+        """The loss terms on held-out images (``train.eval_loss``), without a distillation term so that students
+        of any KD weight compare; a plain model's are its training loss terms."""
+        return loss_terms(self(images, targets))
+
     def advance(self) -> None:
         """Called once after every optimizer step (per-iteration schedules move here)."""
 

@@ -269,6 +269,12 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
             students.extend(plan.replicates(cfg, "student", "L", given.get(width)))
     if spec.scheduler.type == "asha" and spec.scheduler.grace_period < 1:
         raise UserError(f"{where}: scheduler.grace_period: invalid value {spec.scheduler.grace_period}; allowed: >= 1")
+    if spec.scheduler.type == "asha" and spec.scheduler.metric == "val_loss":
+        if any(not s.config["train"]["eval_loss"] for s in students):
+            raise UserError(f"{where}: scheduler.metric: val_loss needs train.eval_loss: true for the students")
+        if spec.scheduler.mode != "min":
+            raise UserError(f"{where}: scheduler.mode: invalid value {spec.scheduler.mode!r} for val_loss; "
+                            "allowed: min")
     return Sweep(path, spec, base, teachers, students, baselines)
 
 
