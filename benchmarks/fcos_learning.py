@@ -1,17 +1,24 @@
 """Does our FCOS learn as fast as torchvision's? Both trained side by side on the same batches, then COCO-scored.
 
-Both detectors get the same backbone and pyramid (our slimmable ResNet-50 at the config's width and our P3..P7
-pyramid, identically initialised from one seed), the same batches in the same order (the library's own dataset,
-transforms, collate and sampler), the same SGD and learning-rate schedule (`msad.build`), and the same COCO
-evaluation (`msad.engine.loop.evaluate`). Only what sits on top differs:
+Ours is trained by the shipped loop itself: `msad.engine.loop.run_training` in this process (a `LocalContext`, no
+Ray), i.e. exactly the run `fidelity.py`'s fcos_h is (dataset, transforms, sampler, collate, `train_step`, SGD and
+learning-rate schedule from `msad.build`, the final COCO evaluation with its intervals). torchvision's FCOS rides
+along: the context hands the loop its DataLoader wrapped so that every batch the loop draws first goes through one
+`train_step` of torchvision's model (its own optimizer and schedule, built by the same `msad.build` functions), then
+to the loop's step on ours. torchvision's model is then scored by the same `msad.engine.loop.evaluate`.
+
+Both detectors get the same backbone and pyramid (`build_model`'s slimmable ResNet-50 at the config's width and
+P3..P7 pyramid, identically initialised from the run's seed; asserted), so only what sits on top differs:
 
   ours         msad.models.fcos: head with learnable per-level scales, GN(`model.gn_groups`), our assignment/losses
   torchvision  torchvision.models.detection.FCOS: its head (GN 16, no scales), anchor-based locations, its
                assignment, losses and post-processing (score 0.05, top 1000, NMS 0.6, 100 detections, centre 1.5)
 
 torchvision's resize is switched off and its normalisation set to identity, since the batches come resized and
-normalised by our transforms. Steps alternate (ours, torchvision) on each batch, so the wall times are comparable.
-If the two reach similar AP, a low AP is the dataset and schedule, not our detector.
+normalised by our transforms. Steps alternate (torchvision, ours) on each batch, so the wall times are comparable:
+"training s" is the sum over steps of each model's forward -> optimizer step (timed by a forward pre-hook on the
+model and torch's optimizer-step post-hook), data loading, reports, checkpoints and evaluation left out. If the two
+reach similar AP, a low AP is the dataset and schedule, not our detector.
 
     python benchmarks/fcos_learning.py [--iterations 300] [--batch 8] [--short-side 256] [--out runs/fcos_learning]
 """
@@ -21,15 +28,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -41,27 +51,25 @@ from msad.build import (  # noqa: E402
     build_lr_scheduler,
     build_model,
     build_optimizer,
-    build_train_dataset,
     build_val_dataset,
     resolve_data_paths,
 )
 from msad.config import Config, load_config  # noqa: E402
-from msad.data.transforms import Collate  # noqa: E402
-from msad.engine.data import EpochSeededDataset, GroupedDistributedSampler  # noqa: E402
-from msad.engine.loop import evaluate  # noqa: E402
+from msad.data.transforms import Batch  # noqa: E402
+from msad.engine.loop import RESULTS_FILE, evaluate, run_training, train_step  # noqa: E402
 from msad.engine.trainer import LocalContext  # noqa: E402
-from msad.models.detector import HIGH_LEVELS, build_fcos_parts, pyramid_features  # noqa: E402
+from msad.models.detector import HIGH_LEVELS, pyramid_features  # noqa: E402
+from msad.models.trainable import loss_terms  # noqa: E402
 
 
 class PyramidBackbone(nn.Module):
-    """Our backbone + P3..P7 pyramid in the shape torchvision's FCOS wants: an OrderedDict and `out_channels`."""
+    """Our backbone + P3..P7 pyramid (`build_model`'s, for the config) in the shape torchvision's FCOS wants: an
+    OrderedDict and `out_channels`."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        m = cfg.model
-        parts = build_fcos_parts(m.width, m.width_list, m.fpn_channels, m.num_classes, m.head_convs, m.gn_groups,
-                                 HIGH_LEVELS)
-        self.body, self.pyramid, self.out_channels = parts.backbone, parts.pyramid, m.fpn_channels
+        ours = build_model(cfg)
+        self.body, self.pyramid, self.out_channels = ours.backbone, ours.pyramid, cfg.model.fpn_channels
 
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
         features = pyramid_features(self.body, self.pyramid, images, HIGH_LEVELS)
@@ -76,7 +84,7 @@ class AsGiven(GeneralizedRCNNTransform):
 
 
 class TorchvisionFCOS(nn.Module):
-    """torchvision's FCOS behind our detector interface (forward -> losses, predict -> detections)."""
+    """torchvision's FCOS behind our trainable interface (forward -> `loss_*` terms, predict -> detections)."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -87,9 +95,11 @@ class TorchvisionFCOS(nn.Module):
                                        size_divisible=d.size_divisibility)
 
     def forward(self, images: Tensor, targets: list[dict[str, Any]]) -> dict[str, Tensor]:
-        return self.model(list(images), [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        losses = self.model(list(images), [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        return {f"loss_{name}": value for name, value in losses.items()}
 
-    def predict(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    def predict(self, images: Tensor, image_sizes: list[tuple[int, int]],
+                branch: str | None = None) -> list[dict[str, Tensor]]:
         detections = self.model(list(images))
         for det, (h, w) in zip(detections, image_sizes, strict=True):  # it clips to the padded size, we to the image
             det["boxes"][:, 0::2] = det["boxes"][:, 0::2].clamp(0, w)
@@ -97,50 +107,99 @@ class TorchvisionFCOS(nn.Module):
         return detections
 
 
-def train_side_by_side(cfg: Config, models: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
-    """Train every model on the same batches; returns per model its losses every `log_period` and wall seconds."""
-    t = cfg.train
-    paths = resolve_data_paths(cfg.data)
-    train_set = build_train_dataset(cfg, paths)
-    seeded = EpochSeededDataset(train_set, t.seed)
-    sampler = GroupedDistributedSampler(train_set.landscape(), t.batch_per_worker, 1, 0, seed=t.seed)
-    loader = DataLoader(seeded, batch_size=t.batch_per_worker, sampler=sampler, num_workers=cfg.data.num_workers,
-                        collate_fn=Collate(cfg.data.size_divisibility), drop_last=True)
-    optimizers = {name: build_optimizer(cfg, model) for name, model in models.items()}
-    schedulers = {name: build_lr_scheduler(cfg, opt) for name, opt in optimizers.items()}
-    log: dict[str, dict[str, Any]] = {name: {"seconds": 0.0, "loss_total": []} for name in models}
-    window = {name: 0.0 for name in models}
-    iteration, epoch = 0, 0
-    for model in models.values():
-        model.train()
-    while iteration < t.iterations:
-        seeded.epoch = epoch
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            if iteration >= t.iterations:
-                break
-            for name, model in models.items():
-                start = time.perf_counter()
-                losses = model(batch.images, batch.targets)
-                total = sum(losses.values())
-                optimizers[name].zero_grad(set_to_none=True)
-                total.backward()
-                if t.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                optimizers[name].step()
-                schedulers[name].step()
-                log[name]["seconds"] += time.perf_counter() - start
-                window[name] += float(total.detach())
-            iteration += 1
-            if iteration % t.log_period == 0:
-                line = []
-                for name in models:
-                    log[name]["loss_total"].append(round(window[name] / t.log_period, 4))
-                    line.append(f"{name} {window[name] / t.log_period:.3f}")
-                    window[name] = 0.0
-                print(f"it {iteration:4d} loss " + "  ".join(line), flush=True)
-        epoch += 1
-    return log
+class StepTimer:
+    """Seconds each watched model spends from its forward to the end of its optimizer step, summed over steps.
+
+    A forward pre-hook on the model opens its step; torch's global optimizer-step post-hook closes it. Only the
+    loop's `train_step` calls the models themselves (evaluation calls `predict`), so nothing else is counted.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._open: tuple[str, float] | None = None
+        self._handle = register_optimizer_step_post_hook(self._close)
+
+    def watch(self, name: str, model: nn.Module) -> None:
+        self.seconds[name] = 0.0
+        model.register_forward_pre_hook(lambda *_: self._start(name))
+
+    def _start(self, name: str) -> None:
+        self._open = (name, time.perf_counter())
+
+    def _close(self, *_: Any) -> None:
+        if self._open is not None:
+            name, start = self._open
+            self.seconds[name] += time.perf_counter() - start
+            self._open = None
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+class SideBySide(LocalContext):
+    """The plain-process context of our run, which also trains torchvision's FCOS on every batch the loop draws
+    (just before the loop's own step on it) and logs both losses at each of the loop's reports."""
+
+    def __init__(self, cfg: Config, other: TorchvisionFCOS, timer: StepTimer, detections: Path) -> None:
+        super().__init__(torch.device("cpu"))
+        self.cfg, self.other, self.timer, self.detections = cfg, other.train(), timer, detections
+        self.optimizer = build_optimizer(cfg, other)
+        self.scheduler = build_lr_scheduler(cfg, self.optimizer)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=False)
+        self.other_steps, self.window = 0, []
+        self.log: dict[str, dict[str, Any]] = {name: {"seconds": 0.0, "loss_total": []}
+                                               for name in ("ours", "torchvision")}
+        self.final: dict[str, Any] = {}
+        timer.watch("torchvision", other)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        model = super().prepare_model(model)
+        for ours, theirs in ((model.backbone, self.other.model.backbone.body),
+                             (model.pyramid, self.other.model.backbone.pyramid)):
+            a, b = ours.state_dict(), theirs.state_dict()
+            assert all(torch.equal(a[k], b[k]) for k in a), "backbones and pyramids must start equal"
+        self.timer.watch("ours", model)
+        return model
+
+    def prepare_loader(self, loader: DataLoader) -> SharedBatches:
+        return SharedBatches(loader, self)
+
+    def step_other(self, batch: Batch) -> None:
+        """One `train_step` of torchvision's model on `batch` (while the loop still has steps to take)."""
+        if self.other_steps >= self.cfg.train.iterations:
+            return
+        outputs = train_step(self.other, batch.to(self.device), self.cfg, self, self.optimizer, self.scaler,
+                             self.other_steps)
+        self.scheduler.step()
+        self.other_steps += 1
+        self.window.append(float(sum(loss_terms(outputs).values()).detach()))
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, iteration: int) -> None:
+        super().report(metrics, checkpoint_dir, iteration)
+        losses = {"ours": metrics["loss_total"], "torchvision": sum(self.window) / len(self.window)}
+        self.window = []
+        for name, value in losses.items():
+            self.log[name]["loss_total"].append(round(value, 4))
+        print(f"it {iteration:4d} loss " + "  ".join(f"{k} {v:.3f}" for k, v in losses.items()), flush=True)
+        if iteration == self.cfg.train.iterations:
+            self.final = metrics
+            if checkpoint_dir is not None:
+                shutil.copyfile(checkpoint_dir / RESULTS_FILE, self.detections)
+
+
+class SharedBatches:
+    """The loop's DataLoader, each batch first stepping torchvision's model (`SideBySide.step_other`)."""
+
+    def __init__(self, loader: DataLoader, ctx: SideBySide) -> None:
+        self.loader, self.ctx = loader, ctx
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            self.ctx.step_other(batch)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -166,21 +225,24 @@ def main(argv: list[str] | None = None) -> None:
         overrides += ["data.train_short_sides=[128]", "data.test_short_side=128", "data.max_size=192",
                       "data.size_divisibility=128"]
     cfg = load_config(BASE_CONFIG, overrides)
-    models: dict[str, nn.Module] = {}
-    for name, make in (("ours", lambda: build_model(cfg)), ("torchvision", lambda: TorchvisionFCOS(cfg))):
-        torch.manual_seed(args.seed)  # the same backbone and pyramid weights in both
-        models[name] = make()
-    ours_trunk = models["ours"].backbone.state_dict()
-    theirs_trunk = models["torchvision"].model.backbone.body.state_dict()
-    assert all(torch.equal(ours_trunk[k], theirs_trunk[k]) for k in ours_trunk), "backbones must start equal"
-
-    log = train_side_by_side(cfg, models)
-    val_set = build_val_dataset(cfg, resolve_data_paths(cfg.data))
     args.out.mkdir(parents=True, exist_ok=True)
+    paths = resolve_data_paths(cfg.data)
+    torch.manual_seed(cfg.train.seed)  # what run_training does before building ours: the same trunk weights
+    theirs = TorchvisionFCOS(cfg)
+    timer = StepTimer()
+    ctx = SideBySide(cfg, theirs, timer, args.out / f"detections_ours_{args.short_side}.json")
+    try:
+        run_training(cfg, paths, ctx)
+    finally:
+        timer.close()
+    log = ctx.log
+    for name, seconds in timer.seconds.items():
+        log[name]["seconds"] = seconds
+    val_set = build_val_dataset(cfg, paths)
+    theirs_metrics = evaluate(theirs, val_set, cfg, LocalContext(torch.device("cpu")),
+                              output_json=args.out / f"detections_torchvision_{args.short_side}.json")
     scores = {}
-    for name, model in models.items():
-        metrics = evaluate(model, val_set, cfg, LocalContext(torch.device("cpu")),
-                           output_json=args.out / f"detections_{name}_{args.short_side}.json")
+    for name, metrics in (("ours", ctx.final), ("torchvision", theirs_metrics)):
         scores[name] = {k: round(metrics[k], 4) for k in METRICS}
         print(f"{name}: " + "  ".join(f"{k} {100 * v:.1f}" for k, v in scores[name].items())
               + f"  ({log[name]['seconds']:.0f} s training)", flush=True)
@@ -190,7 +252,6 @@ def main(argv: list[str] | None = None) -> None:
     result = args.out / f"results_{args.short_side}.json"
     result.write_text(json.dumps(payload, indent=1))
     print(f"wrote {result}")
-
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ weight on H, and the H - L logit for the four pairs (initial or trained fc) x (i
 initial fc on the trained features gives about the trained logits, the fc did not learn them: the features moved
 under a (nearly) fixed projection. BN runs in train mode by default, as during training (batch statistics).
 
+Everything comes from the shipped teacher: features from `MSADTeacher.fuse_aligned_levels`, weights from
+`CrossLevelFusion.level_weights` (for the crossed pairs, one teacher's fusion on the other's levels), the pooled
+pairs are what that call feeds its fc (read by a forward hook), and a logit gap is log(a / b) of its weights.
+
     python benchmarks/fusion_diagnosis.py runs/fidelity/teacher/checkpoint_0000300/checkpoint.pt \
         [--fusion-init original] [--images 8] [--eval-mode]
 
@@ -35,16 +39,23 @@ def aligned_levels(model: MSADTeacher, images: Tensor) -> tuple[list[Tensor], li
     return features.high, features.low
 
 
-def pooled_pairs(high: list[Tensor], low: list[Tensor]) -> Tensor:
-    """[B, levels, 2C]: the globally pooled (h, l) of each aligned level, what C-FF's fc reads."""
-    return torch.stack([torch.cat((h.mean((2, 3)), lo.mean((2, 3))), 1) for h, lo in zip(high, low, strict=True)], 1)
+def fusion_on(fc_model: MSADTeacher, levels: tuple[list[Tensor], list[Tensor]]) -> tuple[Tensor, Tensor]:
+    """`fc_model`'s C-FF (`CrossLevelFusion.level_weights`) on the aligned levels of any teacher: its weights
+    [B, levels, 2] and what its fc read, [B, levels, 2C] (the pooled (h, l), captured by a hook on the fc)."""
+    seen: list[Tensor] = []
+    handle = fc_model.fusion.fc.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            weights = fc_model.fusion.level_weights(*levels)
+    finally:
+        handle.remove()
+    return weights, seen[0]
 
 
-def logit_gap(model: MSADTeacher, pooled: Tensor) -> Tensor:
-    """Mean over images of the H - L logit per level."""
-    with torch.no_grad():
-        logits = model.fusion.fc(pooled)
-    return (logits[..., 0] - logits[..., 1]).mean(0)
+def logit_gap(weights: Tensor) -> Tensor:
+    """Mean over images of the H - L logit per level: log(a / b) of the softmax weights, i.e. the fc's logit
+    difference (exact up to float rounding; -inf only when a weight underflows, a gap beyond ~87)."""
+    return (weights[..., 0].log() - weights[..., 1].log()).mean(0)
 
 
 def row(label: str, values: Tensor, digits: int = 2) -> str:
@@ -73,7 +84,9 @@ def main() -> None:
     val_set = build_val_dataset(cfg, resolve_data_paths(cfg.data))
     images = collate([val_set[i] for i in range(min(args.images, len(val_set)))], cfg.data.size_divisibility).images
     levels = {name: aligned_levels(m, images) for name, m in (("initial", initial), ("trained", trained))}
-    pooled = {name: pooled_pairs(*pair) for name, pair in levels.items()}
+    fcs = {"initial": initial, "trained": trained}
+    fused = {(fc, feat): fusion_on(fcs[fc], levels[feat]) for fc in fcs for feat in levels}
+    pooled = {feat: fused["trained", feat][1] for feat in levels}  # the pooling has no weights: any fc reads the same
     channels = pooled["initial"].shape[-1] // 2
     print(f"{args.checkpoint} (iteration {state['iteration']}, fusion_init {cfg.model.fusion_init}, "
           f"BN {'eval' if args.eval_mode else 'train'} mode, {images.shape[0]} images)")
@@ -81,12 +94,10 @@ def main() -> None:
     for name, p in pooled.items():
         print(row(f"|pooled h|, {name} features", p[..., :channels].norm(dim=-1).mean(0)))
         print(row(f"|pooled l|, {name} features", p[..., channels:].norm(dim=-1).mean(0)))
-    for fc_name, fc_model in (("initial", initial), ("trained", trained)):
-        for feat_name, p in pooled.items():
-            print(row(f"H-L logit, {fc_name} fc, {feat_name} features", logit_gap(fc_model, p)))
-    with torch.no_grad():
-        weights = trained.fusion.level_weights(*levels["trained"])
-    print(row("mean weight on H (trained teacher)", weights[..., 0].mean(0), digits=4))
+    for fc_name in fcs:
+        for feat_name in levels:
+            print(row(f"H-L logit, {fc_name} fc, {feat_name} features", logit_gap(fused[fc_name, feat_name][0])))
+    print(row("mean weight on H (trained teacher)", fused["trained", "trained"][0][..., 0].mean(0), digits=4))
     norms = [[round(p.norm().item(), 3) for p in m.fusion.parameters()] for m in (initial, trained)]
     print(f"fc weight norms (layer 1, layer 2): initial {norms[0]}, trained {norms[1]}")
 

@@ -326,6 +326,7 @@ def check_syncbn(plan: Plan) -> tuple[dict[str, Any], str]:
 
     from msad.build import build_teacher
     from msad.engine.checkpoint import checkpoint_config, load_checkpoint
+    from msad.models.trainable import loss_terms
 
     path = plan.teacher_checkpoint or ""
     state = load_checkpoint(path)
@@ -339,8 +340,7 @@ def check_syncbn(plan: Plan) -> tuple[dict[str, Any], str]:
     model.to(plan.device).train()
     batch = first_batch(cfg).to(plan.device)
     with single_process_group(plan.backend, plan.device):
-        losses = model(batch.images, batch.targets)
-        loss = sum(losses.values())
+        loss = sum(loss_terms(model(batch.images, batch.targets)).values())  # not the fusion diagnostics
         loss.backward()
         total = loss.detach().clone()
         dist.all_reduce(total)  # the group's collective works on this device

@@ -1,9 +1,14 @@
 """Cost of one distillation step against the sum of its parts, measured side by side.
 
-- KD step: `msad.engine.loop._step` for a student with its frozen teacher (`run_frozen_teacher` on H and L under
-  inference mode, student forward on L with the aligned L1 loss, backward, SGD step);
-- student step without the teacher: the same `_step` on the kd_alpha = 0 path (no teacher forward, loss_kd = 0);
-- teacher forward: `fuse_aligned_levels` under `torch.inference_mode()`.
+- KD step: `msad.engine.loop.train_step` on the `Distiller` that `msad.build.build_trainable` makes for a student
+  run (kd_alpha 0.2, no ramp): its frozen teacher (`run_frozen_teacher` on H and L under inference mode), the
+  student forward on L with the aligned L1 loss, backward, SGD step;
+- student step without the teacher: `train_step` on the Distiller of the same run with kd_alpha = 0 (the no-KD
+  path: the teacher is not run, loss_kd = 0);
+- teacher forward: the frozen teacher's `fuse_aligned_levels` under `torch.inference_mode()`.
+
+The teacher is a real training checkpoint (one step of `run_training` on this config, written to a temporary
+folder), so both Distillers are built, loaded and initialised from it exactly as a student run's are.
 
 Goal: KD step <= 1.1 x (student step + teacher forward). The three are timed in rounds, each round running all three
 in a rotating order, so background load hits them alike; medians over rounds, the median of the per-round ratios
@@ -29,13 +34,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from msad.build import build_model, build_optimizer, build_teacher, build_train_dataset, resolve_data_paths
-from msad.config import Config, load_config
+from msad.build import build_optimizer, build_train_dataset, build_trainable, resolve_data_paths
+from msad.config import Config, config_from_dict, deep_merge, load_config, parse_overrides
 from msad.data.transforms import Batch, collate
-from msad.engine.loop import _step
+from msad.engine.checkpoint import CHECKPOINT_FILE
+from msad.engine.loop import run_training, train_step
 from msad.engine.trainer import LocalContext
-from msad.models.student import KDWarmup, MSADStudent, init_from_teacher
-from msad.models.teacher import MSADTeacher
+from msad.models.distiller import Distiller
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,8 +49,25 @@ def bench_config(width: float, fpn_channels: int, cache: Path) -> Config:
     """cpu_base.yaml as a student at `width`, with square 256 x 256 images (batch padding adds nothing)."""
     return load_config(REPO / "configs" / "cpu_base.yaml", [
         "train.role=student", f"model.width={width}", f"model.fpn_channels={fpn_channels}", "train.kd_alpha=0.2",
+        "train.kd_warmup_iters=0",
         "data.shapes.num_train=8", "data.shapes.num_val=1", "data.shapes.image_size=[256,256]",
         f"data.shapes.cache_dir={cache}", "data.hflip_prob=0.0"])
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    return config_from_dict(deep_merge(cfg.to_dict(), parse_overrides(overrides)))
+
+
+def short_teacher_checkpoint(cfg: Config, run_dir: Path, iterations: int = 1) -> Path:
+    """A teacher training checkpoint for `cfg`'s model and data, from `iterations` steps of the shipped loop
+    (`run_training` with a `LocalContext` writing into `run_dir`; evaluated once, without intervals): the file a
+    student run's `train.teacher_checkpoint` names, so `build_trainable` builds the student side as a run does."""
+    teacher_cfg = with_overrides(cfg, [
+        "train.role=teacher", "train.teacher_checkpoint=null", f"train.iterations={iterations}", "train.lr_steps=[]",
+        f"train.checkpoint_period={iterations}", f"train.log_period={iterations}", "train.eval_period=0",
+        "train.bootstrap_samples=0", "train.amp=off", "distributed.run_name=teacher"])
+    run_training(teacher_cfg, resolve_data_paths(teacher_cfg.data), LocalContext(torch.device("cpu"), run_dir))
+    return run_dir / f"checkpoint_{iterations:07d}" / CHECKPOINT_FILE
 
 
 def one_batch(cfg: Config, size: int) -> Batch:
@@ -79,26 +101,28 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = bench_config(args.width, args.fpn_channels, Path(tempfile.gettempdir()) / "msad-bench-cache")
-    batch = one_batch(cfg, args.batch)
-    torch.manual_seed(0)
-    teacher: MSADTeacher = build_teacher(cfg).eval().requires_grad_(False)
-    student = build_model(cfg)
-    assert isinstance(student, MSADStudent)
-    init_from_teacher(student, teacher.state_dict(), teacher.width)
-    student.train()
-    optimizer = build_optimizer(cfg, student)
-    ctx = LocalContext(device=torch.device("cpu"))
+    base = bench_config(args.width, args.fpn_channels, Path(tempfile.gettempdir()) / "msad-bench-cache")
+    batch = one_batch(base, args.batch)
+    device = torch.device("cpu")
+    with tempfile.TemporaryDirectory(prefix="msad-kd-step-") as tmp:
+        cfg = with_overrides(base, [f"train.teacher_checkpoint={short_teacher_checkpoint(base, Path(tmp))}"])
+        no_kd_cfg = with_overrides(cfg, ["train.kd_alpha=0"])
+        distillers = {"kd": build_trainable(cfg, device), "no_kd": build_trainable(no_kd_cfg, device)}
+    assert all(isinstance(d, Distiller) for d in distillers.values())
+    for distiller in distillers.values():
+        distiller.train()
+    optimizers = {name: build_optimizer(cfg, d) for name, d in distillers.items()}
+    ctx = LocalContext(device=device)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    with_kd, without_kd = KDWarmup(cfg.train.kd_alpha, 0), KDWarmup(0.0, 0)  # full weight / the kd_alpha 0 path
+    teacher = distillers["kd"].teacher
 
     def kd_step() -> None:
-        losses = _step(student, teacher, batch, with_kd, cfg, ctx, optimizer, scaler, 0)
-        assert losses["loss_kd"].item() > 0
+        outputs = train_step(distillers["kd"], batch, cfg, ctx, optimizers["kd"], scaler, 0)
+        assert outputs["loss_kd"].item() > 0 and outputs["kd_weight"].item() > 0
 
     def student_step() -> None:
-        losses = _step(student, teacher, batch, without_kd, cfg, ctx, optimizer, scaler, 0)
-        assert losses["loss_kd"].item() == 0
+        outputs = train_step(distillers["no_kd"], batch, no_kd_cfg, ctx, optimizers["no_kd"], scaler, 0)
+        assert outputs["loss_kd"].item() == 0 and outputs["kd_weight"].item() == 0
 
     def teacher_forward() -> None:
         with torch.inference_mode():

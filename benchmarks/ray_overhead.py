@@ -1,7 +1,9 @@
 """Ray Train overhead: the same training run through `fit()` (TorchTrainer, 1 worker) and in one plain process.
 
 Both sides run `msad.engine.loop.run_training` with identical settings (cpu_base.yaml, a small built-in dataset,
-log every iteration, one checkpoint + evaluation at the end only, the same DataLoader workers and torch threads).
+log every iteration, one checkpoint + evaluation at the end only, the same DataLoader workers and torch threads):
+the Ray side through `msad.engine.trainer.fit(cfg, train_loop=...)` (its checks, Ray set-up and TorchTrainer), whose
+per-worker loop is `train_loop_per_worker`'s with a stamping context; the plain side with a stamping `LocalContext`.
 Each report is time-stamped by the worker context (a subclass of the real one that writes one JSON line per report),
 so the driver gets per-iteration wall times from both sides:
 
@@ -31,11 +33,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 
-import msad.engine.loop
 from msad.build import DataPaths, resolve_data_paths
 from msad.config import Config, config_from_dict, load_config
 from msad.engine.loop import RayWorkerContext, run_training
@@ -65,7 +65,8 @@ class StampedLocalContext(LocalContext):
 
 
 def stamped_train_loop(stamps: Path) -> Callable[[dict[str, Any]], None]:
-    """`train_loop_per_worker` with a Ray context that stamps each report (rank 0) before `ray.train.report`."""
+    """What `msad.engine.loop.train_loop_per_worker` runs (`run_training` with a `RayWorkerContext`), with a context
+    that stamps each report (rank 0) before `ray.train.report`; passed to `fit(cfg, train_loop=...)`."""
 
     def train_loop_per_worker(config: dict[str, Any]) -> None:
         class StampedRayContext(RayWorkerContext):
@@ -117,8 +118,7 @@ def summarize(stamps: Path, called_at: float, returned_at: float) -> dict[str, f
 
 def run_ray(cfg: Config, stamps: Path) -> dict[str, float]:
     called_at = time.time()
-    with mock.patch.object(msad.engine.loop, "train_loop_per_worker", stamped_train_loop(stamps)):
-        fit(cfg)  # fit() imports the entry point at call time: the patched one, around the same run_training
+    fit(cfg, train_loop=stamped_train_loop(stamps))  # fit()'s own TorchTrainer, this loop on its worker
     return summarize(stamps, called_at, time.time())
 
 

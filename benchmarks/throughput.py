@@ -11,7 +11,7 @@ alternating, medians.
 
 `--padding` adds what batch padding costs: the share of training batches padded to 512 x 512 (landscape and portrait
 images in one batch; size_divisibility 256) and a teacher step on 8 images padded to 512 x 512 vs 8 same-orientation
-images padded to 256 x 512.
+images padded to 256 x 512 (each step `msad.engine.loop.train_step`, the loop's own).
 
     .venv/bin/python benchmarks/throughput.py --iterations 10 --padding
 """
@@ -35,7 +35,7 @@ from msad.build import build_model, build_optimizer, build_train_dataset, build_
 from msad.config import Config, load_config
 from msad.data.transforms import Collate, collate
 from msad.engine.checkpoint import checkpoint_config, load_checkpoint
-from msad.engine.loop import evaluate
+from msad.engine.loop import evaluate, train_step
 from msad.engine.trainer import LocalContext, fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,13 +108,12 @@ def padding_cost(cfg: Config, rounds: int) -> dict[str, Any]:
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
     model.train()
+    ctx = LocalContext(device=torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
 
     def step(batch: Any) -> float:
         start = time.perf_counter()
-        losses = model(batch.images, batch.targets)
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
+        train_step(model, batch, cfg, ctx, optimizer, scaler, 0)  # the loop's own step
         return time.perf_counter() - start
 
     step(same)  # warm-up
