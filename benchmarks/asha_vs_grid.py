@@ -11,6 +11,15 @@ results) and trial-seconds; the best student is the one with the highest final A
 
 `--set` scales the sweep down (or changes it) identically in both arms, for machines where the file's own schedule
 would take hours.
+
+Which student ASHA keeps depends on the order in which students reach a rung, so one ASHA run says little. The
+replay mode answers "how often" from one grid run: every student's recorded results are fed, in many random
+arrival orders, to the scheduler the sweep would build (`msad.sweep.runner.make_scheduler`, i.e. Ray's ASHA with
+the students-only rules), ranking by each `--metric` given, and it counts how often the grid's best student (by
+final AP) survives, and how often the survivors include one whose final AP is within `--tie` of the best:
+
+    python benchmarks/asha_vs_grid.py --replay runs/asha_vs_grid/runs/kd_weights_grid \
+        --metric AP --metric AP50 --orders 2000
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -25,10 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.tune.schedulers import TrialScheduler
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from msad.sweep.report import read_trial_summaries  # noqa: E402
+from msad.sweep.runner import make_scheduler  # noqa: E402
+from msad.sweep.spec import load_sweep  # noqa: E402
 
 
 def apply_settings(spec: dict[str, Any], settings: list[str]) -> None:
@@ -106,23 +119,99 @@ def ranking(rows: dict[str, dict[str, Any]]) -> list[str]:
     return sorted(rows, key=lambda n: -(rows[n]["AP"] or 0.0))
 
 
+def recorded_results(experiment: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every result each trial reported (Tune's per-trial result.json), in order, keyed by trial name."""
+    trials = {}
+    for result in sorted(experiment.glob("*/result.json")):
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if lines:
+            trials[lines[0]["config"]["trial_name"]] = lines
+    return trials
+
+
+def replay(experiment: Path, metric: str, orders: int, tie: float, seed: int) -> dict[str, Any]:
+    """Feed the grid's recorded student results to the sweep's own ASHA scheduler, ranking by `metric`, in `orders`
+    random arrival orders (trials arrive one after another, each reporting until it ends or is stopped); count how
+    often the grid's best student (final AP) and a student within `tie` AP of it survive."""
+    sweep_file = next(experiment.parent.parent.glob(f"{experiment.name}.yaml"), None)
+    if sweep_file is None:
+        raise SystemExit(f"error: --replay {experiment}: its sweep file {experiment.name}.yaml is not two folders up")
+    spec = yaml.safe_load(sweep_file.read_text())
+    spec["scheduler"] = {**spec.get("scheduler", {}), "type": "asha", "metric": metric,
+                         "mode": "min" if metric.startswith("loss") else "max"}
+    derived = sweep_file.with_name(f".{sweep_file.stem}-replay-{metric}.yaml")
+    derived.write_text(yaml.safe_dump(spec, sort_keys=False))
+    try:
+        sweep = load_sweep(derived)
+    finally:
+        derived.unlink()
+    results = {name: lines for name, lines in recorded_results(experiment).items()
+               if lines[0]["config"].get("role") == "student"}
+    final_ap = {name: lines[-1].get("AP") for name, lines in results.items()}
+    best = max(final_ap, key=lambda n: final_ap[n] if final_ap[n] is not None else -1.0)
+    near_best = {n for n, ap in final_ap.items() if ap is not None and ap >= final_ap[best] - tie}
+    rng = random.Random(seed)
+    kept_best = kept_near = 0
+    survivors_total = 0
+    for _ in range(orders):
+        scheduler = make_scheduler(sweep)
+        trials = [_ReplayTrial(name, lines[0]["config"]) for name, lines in results.items()]
+        rng.shuffle(trials)
+        survivors = set()
+        for trial in trials:
+            scheduler.on_trial_add(None, trial)
+            stopped = any(scheduler.on_trial_result(None, trial, result) == TrialScheduler.STOP
+                          for result in results[trial.trial_id] if metric in result)
+            if not stopped:
+                survivors.add(trial.trial_id)
+        survivors_total += len(survivors)
+        kept_best += best in survivors
+        kept_near += bool(survivors & near_best)
+    return {"metric": metric, "orders": orders, "grid_best": best, "grid_best_AP": final_ap[best],
+            "within_tie": sorted(near_best), "kept_best": kept_best / orders, "kept_within_tie": kept_near / orders,
+            "mean_survivors": survivors_total / orders, "students": len(results)}
+
+
+class _ReplayTrial:
+    """What the scheduler reads of a trial: its id and its config."""
+
+    def __init__(self, name: str, config: dict[str, Any]) -> None:
+        self.trial_id, self.config = name, config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", type=Path, default=REPO / "sweeps" / "kd_weights.yaml")
-    parser.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint of the sweep's width")
+    parser.add_argument("--teacher", type=Path, help="teacher checkpoint of the sweep's width (required to train)")
     parser.add_argument("--out", type=Path, default=Path("runs/asha_vs_grid"))
     parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                         help="change the sweep spec in both arms (repeatable), e.g. config.train.iterations=120")
+    parser.add_argument("--arm", choices=["both", "asha", "grid"], default="both",
+                        help="train both arms, or one (e.g. the grid, to --replay it)")
+    parser.add_argument("--replay", type=Path, help="a finished grid arm's experiment folder: replay its results "
+                        "through ASHA in random arrival orders instead of training")
+    parser.add_argument("--metric", action="append", help="with --replay: the metric ASHA ranks by (repeatable)")
+    parser.add_argument("--orders", type=int, default=2000, help="with --replay: random arrival orders")
+    parser.add_argument("--tie", type=float, default=0.005, help="with --replay: final-AP margin counted as a tie")
     args = parser.parse_args()
+    if args.replay:
+        for metric in args.metric or ["AP"]:
+            print(json.dumps(replay(args.replay.resolve(), metric, args.orders, args.tie, seed=0)))
+        return
     out = args.out.resolve()
     if (out / "runs").exists():
         sys.exit(f"error: {out / 'runs'} exists (an earlier run): pick a new --out; nothing was overwritten")
-    if not args.teacher.is_file():
+    if args.teacher is None or not args.teacher.is_file():
         sys.exit(f"error: --teacher {args.teacher}: file not found")
     out.mkdir(parents=True, exist_ok=True)
     teacher = args.teacher.resolve()
-    arms = {"asha": run_arm(args.sweep.resolve(), out, teacher, asha=True, settings=args.set),
-            "grid": run_arm(args.sweep.resolve(), out, teacher, asha=False, settings=args.set)}
+    arms = {arm: run_arm(args.sweep.resolve(), out, teacher, asha=arm == "asha", settings=args.set)
+            for arm in (["asha", "grid"] if args.arm == "both" else [args.arm])}
+    if len(arms) == 1:
+        (out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                      "arms": arms}, indent=1))
+        print(json.dumps(arms, indent=1))
+        return
     grid_order = ranking(arms["grid"]["trials"])
     summary = {
         "compute_ratio_iterations": round(arms["asha"]["iterations_trained"] / arms["grid"]["iterations_trained"], 3),
