@@ -32,10 +32,11 @@ def replicates(offset: float, noise: float = 0.0, seed: int = 1) -> dict:
 
 
 def row(name: str, role: str, ap_offset: float, seed: int = 0, kd_alpha: float | None = None,
-        resolution: str = "", noise: float = 0.0, h_offset: float | None = None, several_seeds: bool = False
-        ) -> TrialSummary:
+        resolution: str = "", noise: float = 0.0, h_offset: float | None = None, several_seeds: bool = False,
+        kd_temperature: float = 3.0) -> TrialSummary:
     """A finished trial at width 0.25, H 256 / L 128, whose AP is the shared base + `ap_offset`."""
-    train = {"role": role, "seed": seed, **({"kd_alpha": kd_alpha} if kd_alpha is not None else {})}
+    train = {"role": role, "seed": seed, "kd_temperature": kd_temperature,
+             **({"kd_alpha": kd_alpha} if kd_alpha is not None else {})}
     data = {"test_short_side": 128, "train_short_sides": [128], "max_size": 192, "size_divisibility": 128} if (
         resolution == "L") else {"test_short_side": 256, "train_short_sides": [256]}
     cfg = config_from_dict({"model": {"width": 0.25}, "train": train, "data": data})
@@ -77,6 +78,18 @@ def test_each_student_is_paired_with_its_baselines_and_teacher() -> None:
     assert fcos.difference.low > 0.05 and fcos.real is True
     teacher = found["teacher w0.25 H256&L128 vs student w0.25 L128 KD 0.2"]
     assert teacher.real is True and teacher.difference.point == pytest.approx(0.078)
+
+
+def test_students_of_one_kd_weight_and_several_temperatures_are_told_apart() -> None:
+    """kd_weights.yaml crosses alpha with T: each distilled student gets its own, named comparison with no-KD."""
+    sweep = [row("student-w0.25-l128-kd0-t3", "student", 0.0, kd_alpha=0.0, noise=0.01),
+             row("student-w0.25-l128-kd0.2-t1", "student", 0.01, kd_alpha=0.2, kd_temperature=1.0, noise=0.01),
+             row("student-w0.25-l128-kd0.2-t6", "student", -0.05, kd_alpha=0.2, kd_temperature=6.0, noise=0.01)]
+    found = {c.label: c for c in comparisons(sweep)}
+    assert list(found) == ["student w0.25 L128 KD 0.2 T 1 vs without KD", "student w0.25 L128 KD 0.2 T 6 vs without KD"]
+    assert found["student w0.25 L128 KD 0.2 T 6 vs without KD"].real is True  # 5 AP below, outside the noise
+    assert found["student w0.25 L128 KD 0.2 T 1 vs without KD"].mean_a - found[
+        "student w0.25 L128 KD 0.2 T 1 vs without KD"].mean_b == pytest.approx(0.01)
 
 
 def test_seed_replicates_are_compared_as_a_mean_over_seeds_with_seed_noise() -> None:

@@ -69,9 +69,11 @@ def _side(s: TrialSummary, branch: str = "") -> _Side | None:
     return _Side(ap, None if data is None else Replicates.from_dict(data))
 
 
-def _describe(s: TrialSummary) -> str:
+def _describe(s: TrialSummary, with_temperature: bool = False) -> str:
+    """How a comparison names a trial; students name their KD temperature too when the sweep varies it."""
     if s.role == "student":
-        return f"student w{s.width:g} L{s.l_short_side} KD {s.kd_alpha:g}"
+        temperature = f" T {s.kd_temperature:g}" if with_temperature and s.kd_alpha else ""
+        return f"student w{s.width:g} L{s.l_short_side} KD {s.kd_alpha:g}{temperature}"
     if s.role == "fcos":
         side = s.l_short_side if s.resolution == "L" else s.h_short_side
         return f"FCOS w{s.width:g} {s.resolution}{side}"
@@ -112,11 +114,16 @@ def comparisons(summaries: Sequence[TrialSummary]) -> list[Comparison]:
         add("fusion", teacher, teacher, _side(teacher), _side(teacher, "H"))
 
     by_name = {_group(s): s for s in done}
+    temperatures = len({s.kd_temperature for s in students if s.kd_alpha}) > 1  # then labels name them
+
+    def name(group: str) -> str:
+        return _describe(by_name[group], temperatures)
+
     labels = {
-        "kd": lambda a, b: f"{_describe(by_name[a])} vs without KD",
-        "fcos": lambda a, b: f"{_describe(by_name[a])} vs plain {_describe(by_name[b])}",
-        "teacher": lambda a, b: f"{_describe(by_name[a])} vs {_describe(by_name[b])}",
-        "fusion": lambda a, b: f"{_describe(by_name[a])}: fused vs its H branch",
+        "kd": lambda a, b: f"{name(a)} vs without KD",
+        "fcos": lambda a, b: f"{name(a)} vs plain {name(b)}",
+        "teacher": lambda a, b: f"{name(a)} vs {name(b)}",
+        "fusion": lambda a, b: f"{name(a)}: fused vs its H branch",
     }
     order = {"fusion": 0, "teacher": 1, "fcos": 2, "kd": 3}
     return [_compare(labels[kind](a, b), pairs)
