@@ -138,7 +138,7 @@ def replay(experiment: Path, metric: str, orders: int, tie: float, seed: int) ->
         raise SystemExit(f"error: --replay {experiment}: its sweep file {experiment.name}.yaml is not two folders up")
     spec = yaml.safe_load(sweep_file.read_text())
     spec["scheduler"] = {**spec.get("scheduler", {}), "type": "asha", "metric": metric,
-                         "mode": "min" if metric.startswith("loss") else "max"}
+                         "mode": "min" if "loss" in metric else "max"}
     derived = sweep_file.with_name(f".{sweep_file.stem}-replay-{metric}.yaml")
     derived.write_text(yaml.safe_dump(spec, sort_keys=False))
     try:
