@@ -15,8 +15,9 @@ would take hours.
 Which student ASHA keeps depends on the order in which students reach a rung, so one ASHA run says little. The
 replay mode answers "how often" from one grid run: every student's recorded results are fed, in many random
 arrival orders, to the scheduler the sweep would build (`msad.sweep.runner.make_scheduler`, i.e. Ray's ASHA with
-the students-only rules), ranking by each `--metric` given, and it counts how often the grid's best student (by
-final AP) survives, and how often the survivors include one whose final AP is within `--tie` of the best:
+the students-only rules, with the grace period and reduction factor of `--sweep`'s scheduler), ranking by each
+`--metric` given, and it counts how often the grid's best student (by final AP) survives, and how often the
+survivors include one whose final AP is within `--tie` of the best:
 
     python benchmarks/asha_vs_grid.py --replay runs/asha_vs_grid/runs/kd_weights_grid \
         --metric AP --metric AP50 --orders 2000
@@ -72,7 +73,7 @@ def derived_sweep(source: Path, out: Path, name: str, teacher: Path, asha: bool,
     spec.pop("teachers", None)
     spec["students"]["teacher_checkpoints"] = {float(w): str(teacher) for w in widths}
     if not asha:
-        spec["scheduler"] = {"type": "fifo"}
+        spec["scheduler"] = {**spec.get("scheduler", {}), "type": "fifo"}  # ASHA's settings kept for --replay
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -129,16 +130,16 @@ def recorded_results(experiment: Path) -> dict[str, list[dict[str, Any]]]:
     return trials
 
 
-def replay(experiment: Path, metric: str, orders: int, tie: float, seed: int) -> dict[str, Any]:
-    """Feed the grid's recorded student results to the sweep's own ASHA scheduler, ranking by `metric`, in `orders`
-    random arrival orders (trials arrive one after another, each reporting until it ends or is stopped); count how
-    often the grid's best student (final AP) and a student within `tie` AP of it survive."""
+def replay(experiment: Path, asha: dict[str, Any], metric: str, orders: int, tie: float, seed: int) -> dict[str, Any]:
+    """Feed the grid's recorded student results to the sweep's own ASHA scheduler (`asha`: the source sweep file's
+    scheduler section; grace period, reduction factor), ranking by `metric`, in `orders` random arrival orders
+    (trials arrive one after another, each reporting until it ends or is stopped); count how often the grid's best
+    student (final AP) and a student within `tie` AP of it survive."""
     sweep_file = next(experiment.parent.parent.glob(f"{experiment.name}.yaml"), None)
     if sweep_file is None:
         raise SystemExit(f"error: --replay {experiment}: its sweep file {experiment.name}.yaml is not two folders up")
     spec = yaml.safe_load(sweep_file.read_text())
-    spec["scheduler"] = {**spec.get("scheduler", {}), "type": "asha", "metric": metric,
-                         "mode": "min" if "loss" in metric else "max"}
+    spec["scheduler"] = {**asha, "type": "asha", "metric": metric, "mode": "min" if "loss" in metric else "max"}
     derived = sweep_file.with_name(f".{sweep_file.stem}-replay-{metric}.yaml")
     derived.write_text(yaml.safe_dump(spec, sort_keys=False))
     try:
@@ -196,7 +197,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.replay:
         for metric in args.metric or ["AP"]:
-            print(json.dumps(replay(args.replay.resolve(), metric, args.orders, args.tie, seed=0)))
+            asha = yaml.safe_load(args.sweep.read_text()).get("scheduler", {})
+            print(json.dumps(replay(args.replay.resolve(), asha, metric, args.orders, args.tie, seed=0)))
         return
     out = args.out.resolve()
     if (out / "runs").exists():
