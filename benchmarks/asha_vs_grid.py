@@ -81,13 +81,7 @@ def derived_sweep(source: Path, out: Path, name: str, teacher: Path, asha: bool,
 
 def iterations_trained(experiment: Path) -> dict[str, int]:
     """Each trial's last reported iteration, from Tune's own per-trial result.json."""
-    done = {}
-    for result in experiment.glob("*/result.json"):
-        lines = result.read_text().splitlines()
-        if lines:
-            last = json.loads(lines[-1])
-            done[last["config"]["trial_name"]] = int(last["iteration"])
-    return done
+    return {name: int(lines[-1]["iteration"]) for name, lines in recorded_results(experiment).items()}
 
 
 def run_arm(source: Path, out: Path, teacher: Path, asha: bool, settings: list[str]) -> dict[str, Any]:
