@@ -116,6 +116,31 @@ def test_a_resample_equals_cocoeval_on_a_dataset_holding_the_copies(scene: tuple
         assert values["APs"][row] == pytest.approx(reference[3], abs=1e-12)
 
 
+def test_crowd_regions_ignore_a_few_detections_and_resamples_still_equal_cocoeval() -> None:
+    """Crowd boxes (iscrowd 1) make COCOeval ignore the detections that land on them: in the "all" area a few
+    detections are ignored (not none, not most), the case where the accumulation subtracts the ignored ones from a
+    running total instead of summing the counted ones."""
+    dataset, detections = _scene(seed=3)
+    crowds = dataset["annotations"][::5]
+    for annotation in crowds:
+        annotation["iscrowd"] = 1
+    detections += [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.55}
+                   for a in crowds]
+    evaluator = _evaluated(dataset, detections)
+    all_area = evaluator.params.areaRngLbl.index("all")
+    ignored = [np.asarray(e["dtIgnore"][0], dtype=bool) for e in evaluator.evalImgs
+               if e is not None and e["aRng"] == evaluator.params.areaRng[all_area]]
+    share = np.concatenate(ignored).mean()
+    assert 0.02 < share < 0.5
+    weights = resample_weights(N_IMAGES, 2, seed=11)
+    values = weighted_accumulate(evaluator, np.vstack([np.ones(N_IMAGES), weights]))
+    for row, counts in enumerate([np.ones(N_IMAGES, dtype=int), *weights]):
+        reference = _evaluated(*_with_copies(dataset, detections, counts)).stats
+        assert values["AP"][row] == pytest.approx(reference[0], abs=1e-12)
+        assert values["AP50"][row] == pytest.approx(reference[1], abs=1e-12)
+        assert values["APs"][row] == pytest.approx(reference[3], abs=1e-12)
+
+
 def test_intervals_are_deterministic_and_contain_the_point_estimate(scene: tuple[dict, list[dict], COCOeval]) -> None:
     _, _, evaluator = scene
     first, second = bootstrap(evaluator, 300), bootstrap(evaluator, 300)

@@ -36,7 +36,7 @@ BOOTSTRAP_METRICS = ("AP", "AP50", "APs")
 SEED = 0  # one seed for every evaluation, so that models scored on the same images share their resamples
 LEVEL = 0.95
 _MAX_DETECTIONS = 100  # COCO's last maxDets: the one AP, AP50 and APs use
-_CHUNK_ELEMENTS = 4_000_000  # resamples x thresholds x detections per cumulative sum (about 32 MB of float64)
+_CHUNK_ELEMENTS = 4_000_000  # resamples x detections held at once (about 32 MB of float64 per array)
 
 
 @dataclass(frozen=True)
@@ -74,30 +74,65 @@ def _matches(evaluator: COCOeval, category: int, area: int) -> _Matches | None:
     return _Matches(np.concatenate(images)[order], dtm & ~dtig, ~dtm & ~dtig, positives)
 
 
-def _precision_at_recalls(tp: np.ndarray, fp: np.ndarray, positives: np.ndarray, recalls: np.ndarray) -> np.ndarray:
-    """COCOeval.accumulate's interpolated precision, for many weightings at once.
+def _weighted_count_through(weights: np.ndarray, running_total: np.ndarray, counted: np.ndarray,
+                            at: np.ndarray) -> np.ndarray:
+    """[b, len(at)]: the weighted number of `counted` detections at or before each column in `at` (sorted).
 
     Args:
-        tp, fp: [B, T, D] weighted cumulative true / false positives in score order.
-        positives: [B] weighted count of ground truths that count (> 0).
+        weights: [b, D] each detection's weight (its image's count in the resample).
+        running_total: [b, D] the cumulative sum of `weights` over all D detections.
+        counted: [D] bool, the detections to count.
+        at: sorted column indices.
+
+    Cumulates over whichever of the counted or the not-counted columns is fewer (COCO's "all" area ignores almost
+    nothing, its "small" area almost everything), so its cost follows the smaller set, not D.
+    """
+    if counted.all():
+        return running_total[:, at]
+    count_those = np.count_nonzero(counted) <= counted.size // 2
+    columns = np.flatnonzero(counted if count_those else ~counted)
+    through = np.zeros((len(weights), len(columns) + 1))
+    np.cumsum(weights[:, columns], axis=1, out=through[:, 1:])
+    before = through[:, np.searchsorted(columns, at, side="right")]
+    return before if count_those else running_total[:, at] - before
+
+
+def _interpolated_precision(tp: np.ndarray, counted: np.ndarray, positives: np.ndarray,
+                            recalls: np.ndarray) -> np.ndarray:
+    """COCOeval.accumulate's interpolated precision at one IoU threshold, for many weightings at once, from the
+    true-positive detections alone.
+
+    COCOeval computes recall and precision at every detection; between two true positives recall stays and
+    precision only falls, so the best precision at a recall or beyond is always reached at a true positive (or is
+    0 before the first), and the first detection to reach a recall threshold is a true positive. The same numbers
+    (the same float operations on the same integer counts) therefore come from the true positives' columns only.
+
+    Args:
+        tp: [b, P] weighted cumulative true positives at each true positive, in score order.
+        counted: [b, P] weighted cumulative detections that count (true or false positives) at the same columns.
+        positives: [b] weighted count of ground truths that count (> 0).
         recalls: [R] the recall thresholds (COCO: 0, 0.01, ..., 1).
 
     Returns:
-        [B, T, R]: at each recall threshold, the best precision at that recall or beyond; 0 where never reached.
+        [b, R]: at each recall threshold, the best precision at that recall or beyond; 0 where never reached.
     """
-    batch, thresholds, detections = tp.shape
-    out = np.zeros((batch, thresholds, len(recalls)))
-    if detections == 0:
-        return out
-    recall = tp / positives[:, None, None]
+    batch, columns = tp.shape
+    if columns == 0:
+        return np.zeros((batch, len(recalls)))
+    recall = tp / positives[:, None]
+    fp = counted - tp
     precision = tp / (fp + tp + np.spacing(1))
     precision = np.flip(np.maximum.accumulate(np.flip(precision, axis=-1), axis=-1), axis=-1)
-    for b in range(batch):
-        for t in range(thresholds):
-            index = np.searchsorted(recall[b, t], recalls, side="left")
-            reached = index < detections
-            out[b, t, reached] = precision[b, t, index[reached]]
-    return out
+    # COCOeval: np.searchsorted(recall_row, recalls, side="left"), the number of columns whose recall is below each
+    # threshold (recall never decreases along a row). The same count for every row at once, with the same
+    # comparisons: each column passes the thresholds <= its recall, and the columns below threshold j are those
+    # that passed at most j of them.
+    passed = np.searchsorted(recalls, recall, side="right")
+    bins = len(recalls) + 1
+    per_row = np.bincount((passed + bins * np.arange(batch)[:, None]).ravel(), minlength=batch * bins)
+    first = np.cumsum(per_row.reshape(batch, bins)[:, :-1], axis=1)  # [b, R]
+    at_first = np.take_along_axis(precision, np.minimum(first, columns - 1), axis=-1)
+    return np.where(first < columns, at_first, 0.0)
 
 
 def weighted_accumulate(evaluator: COCOeval, weights: np.ndarray) -> dict[str, np.ndarray]:
@@ -117,7 +152,7 @@ def weighted_accumulate(evaluator: COCOeval, weights: np.ndarray) -> dict[str, n
         raise ValueError(f"weights must be [resamples, {len(params.imgIds)}], got {weights.shape}")
     recalls = np.asarray(params.recThrs)
     areas = {"all": params.areaRngLbl.index("all"), "small": params.areaRngLbl.index("small")}
-    # per area: [B] sums of precision over (thresholds x recalls x categories present), and the number of them
+    # per metric: [B] sums of precision over (thresholds x recalls x categories present), and the number of them
     totals = {name: np.zeros(len(weights)) for name in BOOTSTRAP_METRICS}
     counts = {name: np.zeros(len(weights)) for name in BOOTSTRAP_METRICS}
     for category in range(len(params.catIds)):
@@ -128,23 +163,25 @@ def weighted_accumulate(evaluator: COCOeval, weights: np.ndarray) -> dict[str, n
             positives = weights @ matches.positives
             present = positives > 0
             thresholds, detections = matches.true_positive.shape
-            chunk = max(1, _CHUNK_ELEMENTS // max(1, thresholds * detections))
+            counted = matches.true_positive | matches.false_positive
+            chunk = max(1, _CHUNK_ELEMENTS // max(1, detections))
             for start in range(0, len(weights), chunk):
                 rows = slice(start, start + chunk)
-                per_detection = weights[rows][:, matches.image_index][:, None, :]  # [b, 1, D]
-                tp = np.cumsum(per_detection * matches.true_positive, axis=-1)
-                fp = np.cumsum(per_detection * matches.false_positive, axis=-1)
+                per_detection = weights[rows][:, matches.image_index]  # [b, D]
+                running_total = np.cumsum(per_detection, axis=1)
                 safe = np.where(present[rows], positives[rows], 1.0)
-                q = _precision_at_recalls(tp, fp, safe, recalls)  # [b, T, R]
                 mask = present[rows].astype(np.float64)
-                if area_name == "all":
-                    totals["AP"][rows] += q.sum(axis=(1, 2)) * mask
-                    counts["AP"][rows] += q.shape[1] * q.shape[2] * mask
-                    totals["AP50"][rows] += q[:, 0].sum(axis=-1) * mask
-                    counts["AP50"][rows] += q.shape[2] * mask
-                else:
-                    totals["APs"][rows] += q.sum(axis=(1, 2)) * mask
-                    counts["APs"][rows] += q.shape[1] * q.shape[2] * mask
+                for t in range(thresholds):
+                    hits = np.flatnonzero(matches.true_positive[t])
+                    tp = np.cumsum(per_detection[:, hits], axis=1)
+                    seen = _weighted_count_through(per_detection, running_total, counted[t], hits)
+                    q = _interpolated_precision(tp, seen, safe, recalls)  # [b, R]
+                    metric = "AP" if area_name == "all" else "APs"
+                    totals[metric][rows] += q.sum(axis=-1) * mask
+                    counts[metric][rows] += q.shape[-1] * mask
+                    if area_name == "all" and t == 0:
+                        totals["AP50"][rows] += q.sum(axis=-1) * mask
+                        counts["AP50"][rows] += q.shape[-1] * mask
     with np.errstate(invalid="ignore", divide="ignore"):
         return {name: np.where(counts[name] > 0, totals[name] / np.maximum(counts[name], 1), np.nan)
                 for name in totals}
