@@ -11,11 +11,15 @@ Trains, in this one process (msad.engine.loop.run_training with a LocalContext, 
   student_scratch  (opt-in) student on L, kd_alpha 0, random init: separates the P2 level from the teacher's init
   teacher_aa / student_aa   (--low-res-modes antialias) the same two with data.low_res_mode=antialias
 
-and reports COCO AP / AP50 / APs on the whole val set and on its two halves (even / odd image ids), whose spread
-estimates the evaluation noise. Checks: fused teacher > H-only; MSAD student > no-KD student; fraction of the
-FCOS_L -> FCOS_H gap the student closes.
+and reports COCO AP / AP50 / APs on the whole val set with its 95 % bootstrap interval (and on the two halves of
+the val set, even / odd image ids). Checks, each a paired bootstrap difference on the same resampled val images:
+fused teacher > H-only; MSAD student > no-KD student; teacher > MSAD student; and the fraction of the
+FCOS_L -> FCOS_H gap the student closes. One process trains one seed (`--seed`); `--combine` puts several seeds'
+output folders together and averages the paired differences over them (seeds, then images, resampled).
 
     python benchmarks/fidelity.py --iterations 300 --batch 8 --out runs/fidelity
+    python benchmarks/fidelity.py --seed 1 --iterations 300 --batch 8 --out runs/fidelity_s1
+    python benchmarks/fidelity.py --combine runs/fidelity runs/fidelity_s1
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ import torch
 from msad.build import DataPaths, build_model, build_val_dataset, resolve_data_paths
 from msad.config import Config, load_config
 from msad.data.coco import CocoDetection
+from msad.engine.bootstrap import Replicates, seed_averaged_difference
 from msad.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from msad.engine.evaluate import coco_evaluate
-from msad.engine.loop import RESULTS_FILE, evaluate, run_training
+from msad.engine.loop import BOOTSTRAP_FILE, RESULTS_FILE, evaluate, run_training
 from msad.engine.trainer import LocalContext
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cpu_base.yaml"
@@ -93,6 +98,13 @@ class Score:
     eval_s: float = 0.0
     losses: dict[str, float] = field(default_factory=dict)
     segments: int = 1  # processes that trained it (> 1: killed and resumed; train_s then includes redone steps)
+    interval: dict[str, list[float]] = field(default_factory=dict)  # metric -> 95 % bootstrap [low, high]
+    replicates: str | None = None  # the file of its bootstrap replicates (msad.engine.bootstrap)
+
+
+def intervals(metrics: dict[str, Any]) -> dict[str, list[float]]:
+    """The 95 % bootstrap intervals an evaluation reported (its "<metric>_lo" / "<metric>_hi" keys)."""
+    return {k: [metrics[f"{k}_lo"], metrics[f"{k}_hi"]] for k in METRICS if f"{k}_lo" in metrics}
 
 
 def schedule_overrides(iterations: int, batch: int) -> list[str]:
@@ -129,8 +141,7 @@ class Fidelity:
                        f"train.seed={args.seed}", *args.overrides]
         self.scores: list[Score] = []
         if args.include is not None:
-            earlier = json.loads(args.include.read_text())["scores"]
-            self.scores = [Score(**{**s, "halves": tuple(s["halves"])}) for s in earlier]
+            self.scores = load_scores(args.include)[1]
         base = load_config(BASE_CONFIG, self.common)
         self.paths: DataPaths = resolve_data_paths(base.data)  # generate the dataset once, before any timing
 
@@ -176,7 +187,8 @@ class Fidelity:
         halves = rescore(val_set, checkpoint.parent / RESULTS_FILE)
         losses = {k: float(v) for k, v in final.items() if k.startswith("loss")}
         score = Score(name, description, {k: final[k] for k in METRICS}, halves, ctx.wall_s, losses=losses,
-                      segments=len(ctx.earlier) + 1)
+                      segments=len(ctx.earlier) + 1, interval=intervals(final),
+                      replicates=str(checkpoint.parent / BOOTSTRAP_FILE))
         print(f"[{name}] done, {ctx.wall_s:.0f} s training: " + fmt(score.full), flush=True)
         self.keep(run_dir, "", cfg, score)
         return cfg, checkpoint
@@ -193,12 +205,15 @@ class Fidelity:
         ctx = LocalContext(torch.device("cpu"))
         for branch in todo:
             results_json = run_dir / f"{branch}_{RESULTS_FILE}"
+            bootstrap_json = run_dir / f"{branch}_{BOOTSTRAP_FILE}"
             start = time.perf_counter()
-            full = evaluate(model, val_set, cfg, ctx, output_json=results_json, branch=branch)
+            full = evaluate(model, val_set, cfg, ctx, output_json=results_json, branch=branch,
+                            bootstrap_json=bootstrap_json)
             elapsed = time.perf_counter() - start
             label = {"high": "H only", "low": "L only"}[branch]
             score = Score(f"{name}:{branch}", f"teacher branch {label}", {k: full[k] for k in METRICS},
-                          rescore(val_set, results_json), eval_s=elapsed)
+                          rescore(val_set, results_json), eval_s=elapsed, interval=intervals(full),
+                          replicates=str(bootstrap_json))
             print(f"[{name}:{branch}] eval {elapsed:.0f} s: " + fmt(score.full), flush=True)
             self.keep(run_dir, f"_{branch}", cfg, score)
 
@@ -239,59 +254,95 @@ class Fidelity:
                    "overrides": self.common, "torch_threads": torch.get_num_threads(),
                    "scores": [s.__dict__ for s in self.scores]}
         (self.out / "results.json").write_text(json.dumps(payload, indent=2))
-        (self.out / "results.md").write_text(markdown(self.scores))
+        (self.out / "results.md").write_text(markdown([(self.args.seed, self.scores)]))
 
 
 def fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k} {100 * metrics[k]:.1f}" for k in METRICS)
 
 
-def _by_name(scores: list[Score]) -> dict[str, Score]:
-    return {s.name: s for s in scores}
+def load_scores(results_json: Path) -> tuple[int, list[Score]]:
+    """The training seed and the scores of a results.json this script wrote."""
+    saved = json.loads(results_json.read_text())
+    return int(saved["args"]["seed"]), [Score(**{**s, "halves": tuple(s["halves"])}) for s in saved["scores"]]
 
 
 def _gap_closed(s: float, low: float, high: float) -> str:
     return f"{(s - low) / (high - low):.2f}" if high != low else "n/a"
 
 
-def claims(scores: list[Score]) -> Iterator[str]:
-    """The paper's qualitative claims, checked on the full set and on each val half."""
-    by = _by_name(scores)
+def _replicates(score: Score) -> Replicates | None:
+    path = Path(score.replicates) if score.replicates else None
+    return Replicates.from_dict(json.loads(path.read_text())) if path and path.is_file() else None
+
+
+def claims(runs: list[tuple[int, list[Score]]]) -> Iterator[str]:
+    """The paper's qualitative claims. With bootstrap replicates: the paired AP difference on the same resampled
+    val images, averaged over the training seeds given (a two-level bootstrap: seeds, then images), called a
+    difference only when its 95 % interval excludes zero. Without (older scores): the sign on the full set and on
+    each val half."""
+    seeds = [{s.name: s for s in scores} for _, scores in runs]
 
     def compare(a: str, b: str, claim: str) -> Iterator[str]:
-        if a in by and b in by:
-            parts = [by[a].full, *by[a].halves], [by[b].full, *by[b].halves]
-            diffs = [100 * (x["AP"] - y["AP"]) for x, y in zip(*parts, strict=True)]
-            verdict = "holds" if diffs[0] > 0 else "fails"
-            yield (f"- {claim}: {verdict} (AP difference {diffs[0]:+.1f}; on the val halves "
-                   f"{diffs[1]:+.1f} / {diffs[2]:+.1f})")
+        both = [by for by in seeds if a in by and b in by]
+        if not both:
+            return
+        per_seed = [100 * (by[a].full["AP"] - by[b].full["AP"]) for by in both]
+        pairs = [(_replicates(by[a]), _replicates(by[b])) for by in both]
+        difference = (seed_averaged_difference(pairs, "AP")
+                      if all(x is not None and y is not None for x, y in pairs) else None)
+        if difference is not None:
+            verdict = "holds" if difference.low > 0 else "fails" if difference.high < 0 else "within noise"
+            seed_text = f"; per seed {' / '.join(f'{d:+.1f}' for d in per_seed)}" if len(both) > 1 else ""
+            yield (f"- {claim}: {verdict} (AP difference {100 * difference.point:+.1f}, 95% CI "
+                   f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}] over {len(both)} seed(s) and the "
+                   f"val images{seed_text})")
+            return
+        by = both[0]
+        parts = [by[a].full, *by[a].halves], [by[b].full, *by[b].halves]
+        diffs = [100 * (x["AP"] - y["AP"]) for x, y in zip(*parts, strict=True)]
+        verdict = "holds" if diffs[0] > 0 else "fails"
+        yield (f"- {claim}: {verdict} (AP difference {diffs[0]:+.1f}; on the val halves "
+               f"{diffs[1]:+.1f} / {diffs[2]:+.1f}; no bootstrap replicates)")
 
     yield from compare("teacher", "teacher:high", "fused teacher beats its H-only branch")
     yield from compare("student", "student_nokd", "MSAD student beats the no-KD student")
+    yield from compare("teacher", "student", "teacher (H & L) stays ahead of the MSAD student")
     yield from compare("student_scratch", "fcos_l", "L on P2..P6 (student layout, random init) beats plain FCOS at L")
     yield from compare("student_nokd", "student_scratch", "initialising the student from the teacher helps (no KD)")
     yield from compare("teacher_aa", "teacher", "antialias L beats nearest L (teacher, fused)")
     yield from compare("student_aa", "student", "antialias L beats nearest L (MSAD student)")
-    if {"student", "fcos_h", "fcos_l"} <= by.keys():
-        parts = zip([by["student"].full, *by["student"].halves], [by["fcos_l"].full, *by["fcos_l"].halves],
-                    [by["fcos_h"].full, *by["fcos_h"].halves], strict=True)
-        closed = [_gap_closed(s[m], lo[m], h[m]) for s, lo, h in parts for m in ("AP",)]
-        yield (f"- fraction of the FCOS_L -> FCOS_H AP gap closed by the MSAD student: {closed[0]} "
-               f"(val halves {closed[1]} / {closed[2]})")
-    if {"student_nokd", "fcos_h", "fcos_l"} <= by.keys():
-        s, lo, h = by["student_nokd"].full, by["fcos_l"].full, by["fcos_h"].full
-        closed = _gap_closed(s["AP"], lo["AP"], h["AP"])
-        yield f"- the same fraction for the no-KD student (P2 of L, teacher init): {closed}"
+
+    def mean_ap(name: str) -> float | None:
+        values = [by[name].full["AP"] for by in seeds if name in by]
+        return sum(values) / len(values) if values else None
+
+    for student, label in (("student", "the MSAD student"),
+                           ("student_nokd", "the no-KD student (P2 of L, teacher init)")):
+        s, low, high = mean_ap(student), mean_ap("fcos_l"), mean_ap("fcos_h")
+        if None not in (s, low, high):
+            yield f"- fraction of the FCOS_L -> FCOS_H AP gap closed by {label}: {_gap_closed(s, low, high)}"
 
 
-def markdown(scores: list[Score]) -> str:
-    lines = ["| run | model | AP | AP50 | APs | AP val half A / B | train s | eval s |",
-             "|-----|-------|---:|-----:|----:|------------------:|--------:|-------:|"]
-    for s in scores:
-        half = " / ".join(f"{100 * h['AP']:.1f}" for h in s.halves)
-        lines.append(f"| {s.name} | {s.description} | " + " | ".join(f"{100 * s.full[k]:.1f}" for k in METRICS)
-                     + f" | {half} | {s.train_s:.0f} | {s.eval_s:.0f} |")
-    return "\n".join([*lines, "", *claims(scores), ""])
+def _cell(score: Score, metric: str) -> str:
+    low_high = score.interval.get(metric)
+    return f"[{100 * low_high[0]:.1f}, {100 * low_high[1]:.1f}]" if low_high else "-"
+
+
+def markdown(runs: list[tuple[int, list[Score]]]) -> str:
+    """One row per model and training seed (AP with its 95 % bootstrap interval over the val images), then the
+    claims."""
+    lines = ["| run | model | seed | AP | 95% CI | AP50 | APs | AP val half A / B | train s | eval s |",
+             "|-----|-------|-----:|---:|-------:|-----:|----:|------------------:|--------:|-------:|"]
+    names = list(dict.fromkeys(s.name for _, scores in runs for s in scores))
+    for name in names:
+        for seed, scores in runs:
+            for s in (s for s in scores if s.name == name):
+                half = " / ".join(f"{100 * h['AP']:.1f}" for h in s.halves)
+                lines.append(f"| {s.name} | {s.description} | {seed} | {100 * s.full['AP']:.1f} | {_cell(s, 'AP')} | "
+                             f"{100 * s.full['AP50']:.1f} | {100 * s.full['APs']:.1f} | {half} | {s.train_s:.0f} | "
+                             f"{s.eval_s:.0f} |")
+    return "\n".join([*lines, "", *claims(runs), ""])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -317,16 +368,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and interrupted ones resume from their last checkpoint")
     parser.add_argument("--include", type=Path, default=None,
                         help="results.json of an earlier run whose scores join the table and the checks")
+    parser.add_argument("--combine", nargs="+", type=Path, default=None, metavar="OUT",
+                        help="train nothing: print the table and the claims of earlier --out folders together, one "
+                        "per training seed (paired differences averaged over the seeds)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.combine:
+        print(markdown([load_scores(folder / "results.json") for folder in args.combine]))
+        return
     fidelity = Fidelity(args)
     fidelity.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     fidelity.run()
-    print(f"\n{markdown(fidelity.scores)}\ntotal {time.perf_counter() - start:.0f} s; written to {fidelity.out}")
+    elapsed = time.perf_counter() - start
+    print(f"\n{markdown([(args.seed, fidelity.scores)])}\ntotal {elapsed:.0f} s; written to {fidelity.out}")
 
 
 if __name__ == "__main__":
