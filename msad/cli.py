@@ -58,7 +58,8 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
 
     sweep = command("sweep", "run a sweep of teachers and students (the default: `launch.py SWEEP.yaml`)")
     sweep.add_argument("spec", help="sweep YAML, e.g. sweeps/quickstart.yaml")
-    sweep.add_argument("overrides", nargs="*", help="section.key=value applied to the sweep's base config")
+    sweep.add_argument("overrides", nargs="*", help="section.key=value applied to every trial, over the sweep "
+                       "file's config and its stages' config (keys the sweep varies are refused)")
 
     train = command("train", "train one teacher, student or plain FCOS with Ray Train")
     train.add_argument("config", help="config YAML, e.g. configs/teacher_w025_cpu.yaml")

@@ -87,6 +87,36 @@ def test_overrides_apply_to_every_trial(tmp_path: Path) -> None:
     assert sweep.teachers[0].config["train"]["seed"] == 5
 
 
+def test_command_line_overrides_win_over_the_stages_config() -> None:
+    """What the user types last wins, as with a plain config: the quickstart's stages set their own schedules, and
+    a shorter one given on the command line reaches every trial (it used to be overwritten by the stages)."""
+    short = ["train.iterations=20", "train.lr_steps=[10,15]", "train.warmup_iters=5", "train.kd_warmup_iters=5"]
+    sweep = load_sweep(REPO / "sweeps" / "quickstart.yaml", short)
+    trials = sweep.teachers + sweep.baselines + sweep.students
+    assert len(trials) == 4
+    assert {(t.config["train"]["iterations"], tuple(t.config["train"]["lr_steps"])) for t in trials} == {(20, (10, 15))}
+    assert [s.kd_alpha for s in sweep.students] == [0.0, 0.2]  # the grid still varies what it varies
+
+
+@pytest.mark.parametrize(("override", "where"), [("train.kd_alpha=0.5", "students.grid"),
+                                                   ("model.width=0.5", "teachers.grid")])
+def test_an_override_of_a_key_the_sweep_sets_per_trial_is_refused(override: str, where: str) -> None:
+    with pytest.raises(UserError) as info:
+        load_sweep(REPO / "sweeps" / "quickstart.yaml", [override])
+    key = override.split("=")[0]
+    assert str(info.value) == (f"{REPO / 'sweeps' / 'quickstart.yaml'}: {key}: the sweep file sets it per trial "
+                               f"({where}); change it there, not on the command line")
+
+
+def test_an_override_of_the_seed_is_refused_when_the_file_lists_seeds(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: t\nbase: base.yaml\nseeds: [0, 1]\nteachers:\n  grid: {model.width: [0.25]}\n")
+    with pytest.raises(UserError, match=r"train.seed: the sweep file sets it per trial \(seeds\)"):
+        load_sweep(path, ["train.seed=5"])
+    variants = write(tmp_path, "name: t\nbase: base.yaml\nteachers:\n  variants: [{train.base_lr: 0.01}]\n")
+    with pytest.raises(UserError, match=r"train.base_lr: the sweep file sets it per trial \(teachers.variants\)"):
+        load_sweep(variants, ["train.base_lr=0.02"])
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -165,10 +165,12 @@ def _expand(stage: StageSpec, where: str, rng: random.Random) -> list[dict[str, 
 
 
 def _trial_config(base: dict[str, Any], stage: StageSpec, point: dict[str, Any], role: str,
-                  where: str, sweep_dir: Path) -> Config:
-    """A trial's config: the base, then the stage's `config`, then its grid point; locations written in the sweep
-    file are relative to the sweep file."""
+                  where: str, sweep_dir: Path, command_line: dict[str, Any]) -> Config:
+    """A trial's config: the base, then the stage's `config`, then the command line's overrides (what the user
+    typed last wins, as in a plain config), then its grid point (keys the sweep varies are refused on the command
+    line); locations written in the sweep file are relative to the sweep file."""
     data = deep_merge(base, resolve_paths(stage.config, sweep_dir))
+    data = deep_merge(data, command_line)
     point = resolve_dotted_paths(point, sweep_dir)
     data = deep_merge(data, parse_overrides([f"{k}={_yaml_scalar(v)}" for k, v in point.items()]))
     data = deep_merge(data, {"train": {"role": role}})
@@ -232,7 +234,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         raise UserError(f"{where}: name: invalid value {spec.name!r}; allowed: a non-empty name without '/'")
     base_dict = load_yaml_with_bases(path.parent / spec.base) if spec.base else {}
     base_dict = deep_merge(base_dict, resolve_paths(spec.config, path.parent))
-    base_dict = deep_merge(base_dict, resolve_paths(parse_overrides(overrides or []), Path.cwd()))
+    command_line = resolve_paths(parse_overrides(overrides or []), Path.cwd())
+    _check_not_varied(spec, overrides or [], where)
+    base_dict = deep_merge(base_dict, command_line)
     try:
         base = absolute_config(config_from_dict(base_dict))
     except UserError as err:
@@ -247,12 +251,14 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     teachers: list[TrialSpec] = []
     if spec.teachers is not None:
         for point in _expand(spec.teachers, f"{where}: teachers", rng):
-            cfg = _trial_config(base_dict, spec.teachers, point, "teacher", f"{where}: teachers", path.parent)
+            cfg = _trial_config(base_dict, spec.teachers, point, "teacher", f"{where}: teachers", path.parent,
+                                command_line)
             teachers.extend(plan.replicates(cfg, "teacher", "H & L"))
     baselines: list[TrialSpec] = []
     if spec.baselines is not None:
         for point in _expand(spec.baselines, f"{where}: baselines", rng):
-            cfg = _trial_config(base_dict, spec.baselines, point, "fcos", f"{where}: baselines", path.parent)
+            cfg = _trial_config(base_dict, spec.baselines, point, "fcos", f"{where}: baselines", path.parent,
+                                command_line)
             for resolution in dict.fromkeys(spec.baselines.resolutions):
                 sized = cfg if resolution == "H" else _validated(_at_low_resolution(cfg.to_dict()),
                                                                    f"{where}: baselines (resolution L)")
@@ -261,7 +267,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     if spec.students is not None:
         given = _given_teachers(spec.students, where, path.parent)
         for point in _expand(spec.students, f"{where}: students", rng):
-            cfg = _trial_config(base_dict, spec.students, point, "student", f"{where}: students", path.parent)
+            cfg = _trial_config(base_dict, spec.students, point, "student", f"{where}: students", path.parent,
+                                command_line)
             width = cfg.model.width
             if width not in given and not any(t.width == width for t in teachers):
                 raise UserError(f"{where}: students at width {width:g} have no teacher: add that width to teachers "
@@ -288,6 +295,26 @@ def _check_stages(spec: SweepFile, where: str) -> None:
         raise UserError(f"{where}: baselines.resolutions: expected a non-empty list of H and/or L")
     if len(set(spec.seeds)) != len(spec.seeds):
         raise UserError(f"{where}: seeds: invalid value {spec.seeds}; allowed: a list of distinct integers")
+
+
+def _check_not_varied(spec: SweepFile, overrides: list[str], where: str) -> None:
+    """Refuse a command-line override of a key the sweep file sets per trial (a stage's grid, variants or sample,
+    or `train.seed` when the file lists `seeds`): it would either be overwritten in every trial or collapse the
+    sweep's trials into copies, so the one place to change it is the sweep file."""
+    varied: dict[str, str] = {"train.seed": "seeds"} if spec.seeds else {}
+    for stage_name in ("teachers", "baselines", "students"):
+        stage = getattr(spec, stage_name)
+        if stage is None:
+            continue
+        keys = [(key, f"{stage_name}.{part}") for part in ("grid", "sample") for key in getattr(stage, part)]
+        keys += [(key, f"{stage_name}.variants") for variant in stage.variants for key in variant]
+        for key, place in keys:
+            varied.setdefault(key, place)  # the first place that sets it names it
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if key in varied:
+            raise UserError(f"{where}: {key}: the sweep file sets it per trial ({varied[key]}); change it "
+                            "there, not on the command line")
 
 
 def _validated(data: dict[str, Any], where: str) -> Config:
