@@ -164,6 +164,7 @@ def weighted_accumulate(evaluator: COCOeval, weights: np.ndarray) -> dict[str, n
             present = positives > 0
             thresholds, detections = matches.true_positive.shape
             counted = matches.true_positive | matches.false_positive
+            hits = [np.flatnonzero(row) for row in matches.true_positive]  # per threshold: its true positives
             chunk = max(1, _CHUNK_ELEMENTS // max(1, detections))
             for start in range(0, len(weights), chunk):
                 rows = slice(start, start + chunk)
@@ -172,9 +173,8 @@ def weighted_accumulate(evaluator: COCOeval, weights: np.ndarray) -> dict[str, n
                 safe = np.where(present[rows], positives[rows], 1.0)
                 mask = present[rows].astype(np.float64)
                 for t in range(thresholds):
-                    hits = np.flatnonzero(matches.true_positive[t])
-                    tp = np.cumsum(per_detection[:, hits], axis=1)
-                    seen = _weighted_count_through(per_detection, running_total, counted[t], hits)
+                    tp = np.cumsum(per_detection[:, hits[t]], axis=1)
+                    seen = _weighted_count_through(per_detection, running_total, counted[t], hits[t])
                     q = _interpolated_precision(tp, seen, safe, recalls)  # [b, R]
                     metric = "AP" if area_name == "all" else "APs"
                     totals[metric][rows] += q.sum(axis=-1) * mask

@@ -311,7 +311,7 @@ def _check_not_varied(spec: SweepFile, overrides: list[str], where: str) -> None
         for key, place in keys:
             varied.setdefault(key, place)  # the first place that sets it names it
     for override in overrides:
-        key = override.split("=", 1)[0].strip()
+        key = override.partition("=")[0]  # as parse_overrides reads it
         if key in varied:
             raise UserError(f"{where}: {key}: the sweep file sets it per trial ({varied[key]}); change it "
                             "there, not on the command line")
