@@ -9,8 +9,9 @@ Each step is the loop's own, `msad.engine.loop.train_step`, on the model a run o
 teacher or FCOS, and for the student the `msad.models.distiller.Distiller` of a student run (KD weight 0.2 from the
 first step) around a freshly built, frozen teacher (`build_teacher`; random weights: this times the step, nothing is
 learned). bf16 is the loop's own autocast (`train.amp=bf16`); channels-last converts the model (and a student's
-frozen teacher) and the batch; compile is `nn.Module.compile()` on the trained network's forward (for a student, the
-student's: its frozen teacher runs eagerly under inference mode, as `run_frozen_teacher` runs it). lr 1e-4
+frozen teacher) and the batch; compile is the trainable's `compile_network()`, what `train.compile` runs (backbone,
+pyramid, head, C-FF; for a student, the student's: its frozen teacher runs eagerly under inference mode), with the
+kernels cached in $MSAD_CACHE/torchinductor (delete it to time a cold compile). lr 1e-4
 (`train.base_lr`), `build_optimizer`'s SGD, no lr schedule.
 
     python benchmarks/cpu_step_modes.py [--roles teacher student] [--steps 6] [--modes eager channels_last bf16 ...]
@@ -23,7 +24,6 @@ elsewhere it can be slower than fp32, which this script shows.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -37,13 +37,15 @@ sys.path.insert(0, str(REPO))
 from msad.build import build_model, build_optimizer, build_teacher, build_train_dataset, resolve_data_paths  # noqa: E402
 from msad.config import Config, config_from_dict, deep_merge, load_yaml_with_bases, parse_overrides  # noqa: E402
 from msad.data.transforms import Batch, Collate  # noqa: E402
+from msad.engine.compilation import use_shared_compile_cache  # noqa: E402
 from msad.engine.loop import train_step  # noqa: E402
+from msad.engine.precision import device_facts  # noqa: E402
 from msad.engine.trainer import LocalContext  # noqa: E402
 from msad.models.distiller import Distiller  # noqa: E402
 from msad.models.student import KDWarmup, MSADStudent  # noqa: E402
 from msad.models.trainable import Trainable  # noqa: E402
 
-MODES = ("eager", "channels_last", "bf16", "channels_last_bf16", "compile_bf16")
+MODES = ("eager", "channels_last", "bf16", "channels_last_bf16", "compile", "compile_bf16")
 STEP_OVERRIDES = ("train.amp=off", "train.base_lr=0.0001", "train.kd_alpha=0.2", "train.kd_warmup_iters=0")
 
 
@@ -91,7 +93,8 @@ class Step:
             self.batch = Batch(batch.images.contiguous(memory_format=torch.channels_last), batch.image_sizes,
                                batch.targets)
         if mode.startswith("compile"):
-            (self.model.student if isinstance(self.model, Distiller) else self.model).compile()
+            use_shared_compile_cache()
+            self.model.compile_network()  # what train.compile compiles
         self.optimizer = build_optimizer(self.cfg, self.model)
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
 
@@ -131,9 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (compile happens here)")
     parser.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    cpu = platform.processor() or platform.machine()
+    cpu = device_facts(torch.device("cpu")).describe()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, "
-          f"mkldnn bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+          f"oneDNN's own bf16 check: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
     for role in args.roles:
         measure(role, quickstart_config(role, args.overrides), args)
 

@@ -11,6 +11,8 @@ Checks, each isolated (an exception is a FAIL row with its last line; the other 
   backward on the GPU inside a single-process nccl group; SyncBatchNorm modules > 0, loss finite.
 - fcos_step_vs_torchvision: train-step time of msad's FCOS vs torchvision's fcos_resnet50_fpn on the GPU
   (benchmarks/fcos_step.py's building blocks, synchronized timing): medians and the ratio ours / torchvision.
+- precision_steps: the teacher's step in fp32, bf16 and fp16 autocast, interleaved, and what `train.amp: auto` picks
+  on this GPU: the numbers that decide auto's rule for GPUs (fp16 is not picked by auto until a GPU shows it pays).
 
 Every row also carries the peak GPU memory its check allocated in this process (torch.cuda.max_memory_allocated,
 reset between checks; the Ray checks allocate in their worker, so theirs is blank). The table is printed at the end
@@ -52,7 +54,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = "gpu_check: no CUDA device (use --dry-run on CPU)"
 CHECKS = ("teacher_ray_nccl", "student_ray_nccl", "amp_bf16", "amp_fp16", "syncbn_from_checkpoint",
-          "fcos_step_vs_torchvision")
+          "fcos_step_vs_torchvision", "precision_steps")
 AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -398,6 +400,43 @@ def check_fcos_step(plan: Plan) -> tuple[dict[str, Any], str]:
         " (dry-run on CPU)" if plan.dry_run else "")
 
 
+def check_precision_steps(plan: Plan) -> tuple[dict[str, Any], str]:
+    """The teacher's training step in fp32, bf16 and fp16 autocast on this device (interleaved, synchronized medians)
+    and what `train.amp: auto` picks here: the evidence for auto's rule (msad/engine/precision.py)."""
+    from msad.build import build_model, build_optimizer
+    from msad.config import config_from_dict, deep_merge, parse_overrides
+    from msad.engine.loop import train_step
+    from msad.engine.precision import choose_amp, device_facts
+    from msad.engine.trainer import LocalContext
+
+    base = run_config(plan, "teacher", "precision_steps")
+    batch = first_batch(base).to(plan.device)
+    ctx = LocalContext(device=plan.device)
+    modes = ["off", "bf16"] + (["fp16"] if plan.device.type == "cuda" else [])  # fp16 autocast is GPU-only here
+
+    def step_for(amp: str) -> Callable[[], Any]:
+        cfg = config_from_dict(deep_merge(base.to_dict(), parse_overrides([f"train.amp={amp}"])))
+        torch.manual_seed(0)
+        model = build_model(cfg).to(plan.device).train()
+        optimizer = build_optimizer(cfg, model)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        return lambda: train_step(model, batch, cfg, ctx, optimizer, scaler, 0)
+
+    steps = [timed(step_for(amp), plan.device) for amp in modes]
+    times: dict[str, list[float]] = {amp: [] for amp in modes}
+    for i in range(plan.sizes.fcos_warmup + plan.steps):
+        for amp, step in zip(modes, steps, strict=True):
+            elapsed = step()["step"]
+            if i >= plan.sizes.fcos_warmup:
+                times[amp].append(elapsed)
+    medians = {amp: sorted(t)[len(t) // 2] for amp, t in times.items()}
+    numbers: dict[str, Any] = {f"{amp}_s": value for amp, value in medians.items()}
+    numbers.update({f"{amp}_vs_fp32": medians[amp] / medians["off"] for amp in modes if amp != "off"})
+    facts = device_facts(plan.device)
+    numbers["auto_picks"] = choose_amp("auto", facts).amp
+    return numbers, f"teacher step, batch {tuple(batch.images.shape)}, median of {plan.steps}; {facts.describe()}"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Running, table, files
 # ---------------------------------------------------------------------------------------------------------------------
@@ -443,6 +482,7 @@ def run_all(plan: Plan) -> list[Row]:
         ("amp_fp16", lambda: check_amp(plan, "fp16"), False),
         ("syncbn_from_checkpoint", lambda: check_syncbn(plan), True),
         ("fcos_step_vs_torchvision", lambda: check_fcos_step(plan), False),
+        ("precision_steps", lambda: check_precision_steps(plan), False),
     ]
     rows = []
     for name, check, needs_teacher in checks:

@@ -121,9 +121,13 @@ class TrainConfig:
     lr_gamma: float = 0.1
     weight_decay: float = 0.0001
     grad_clip: float = 0.0  # max total grad norm; 0 = off
-    # mixed precision: bf16 on GPUs and on CPUs (about 1.5x faster steps on this project's AVX-512 BF16 test
-    # machine, benchmarks/RESULTS.md; slower on CPUs without native bf16), fp16 on GPUs only
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    # mixed precision: auto = bf16 where the worker's device runs it natively (a CPU with AVX-512 BF16 or AMX, a GPU
+    # of compute capability 8.0+; 0.74x the fp32 step there), fp32 elsewhere (emulated bf16 is ~13x slower on an AVX2
+    # CPU); off = fp32; bf16 forces it (warned where emulated); fp16 on GPUs only. benchmarks/RESULTS.md
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    # torch.compile of backbone, pyramid, head and C-FF (kernels cached in $MSAD_CACHE/torchinductor for every trial
+    # on the node): auto = only runs long enough to repay compiling (msad/engine/compilation.py); on; off
+    compile: Literal["auto", "on", "off"] = "auto"
     # BatchNorm statistics across all GPUs (SyncBN) when training on several; false = each GPU's own batch (the
     # original's teachers at widths 0.5 and 0.75). CPU runs (gloo) always keep per-worker BN.
     sync_bn: bool = True
@@ -492,7 +496,7 @@ def validate(cfg: Config) -> Config:
            t.lr_steps, f"increasing iterations between 1 and train.iterations-1 ({t.iterations - 1})")
     _check(t.kd_temperature > 0, "train.kd_temperature", t.kd_temperature, "a number > 0")
     if t.amp == "fp16":
-        _check(dist.use_gpu, "train.amp", t.amp, "'off' or 'bf16' unless distributed.use_gpu is true")
+        _check(dist.use_gpu, "train.amp", t.amp, "'auto', 'off' or 'bf16' unless distributed.use_gpu is true")
 
     _check(dist.num_workers >= 1, "distributed.num_workers", dist.num_workers, "an integer >= 1")
     _check(dist.cpus_per_worker > 0, "distributed.cpus_per_worker", dist.cpus_per_worker, "a number > 0")

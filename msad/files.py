@@ -12,6 +12,12 @@ from typing import IO, Any
 from msad.errors import UserError
 
 
+def cache_root() -> Path:
+    """$MSAD_CACHE (default ~/.cache/msad): the node-local folder of everything msad can rebuild (annotation
+    indexes, downloaded weights, compiled kernels), shared by every run on the node."""
+    return Path(os.environ.get("MSAD_CACHE", "~/.cache/msad")).expanduser()
+
+
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file's bytes, read in 1 MiB chunks (checkpoints and annotation files can be GBs)."""
     digest = hashlib.sha256()

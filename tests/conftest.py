@@ -82,7 +82,9 @@ def make_tiny_config(tmp: Path, cache: Path, role: str, name: str, *extra: str) 
         "data.test_short_side=128", "data.num_workers=0", "model.fpn_channels=32", "model.gn_groups=8",
         "train.iterations=6", "train.batch_per_worker=2", "train.lr_steps=[5]", "train.warmup_iters=2",
         "train.checkpoint_period=2", "train.eval_period=6", "train.log_period=1", "train.kd_warmup_iters=2",
-        "distributed.num_workers=2", "distributed.max_failures=0", *extra])
+        "distributed.num_workers=2", "distributed.max_failures=0",
+        "train.amp=off",  # fp32: the tests' numbers must not depend on whether this CPU has native bf16
+        *extra])
 
 
 @pytest.fixture(scope="session")

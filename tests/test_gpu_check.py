@@ -15,7 +15,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 CHECKS = ("teacher_ray_nccl", "student_ray_nccl", "amp_bf16", "amp_fp16", "syncbn_from_checkpoint",
-          "fcos_step_vs_torchvision")
+          "fcos_step_vs_torchvision", "precision_steps")
 
 
 def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -56,6 +56,9 @@ def test_dry_run_passes_every_check(tmp_path: Path) -> None:
     assert by_name["syncbn_from_checkpoint"]["numbers"]["syncbn_modules"] > 0
     fcos = by_name["fcos_step_vs_torchvision"]["numbers"]
     assert fcos["ratio"] > 0 and fcos["ours_s"] > 0 and fcos["torchvision_s"] > 0
+    precision = by_name["precision_steps"]["numbers"]  # on the CPU: fp32 and bf16 timed, fp16 is GPU-only
+    assert precision["off_s"] > 0 and precision["bf16_s"] > 0 and "fp16_s" not in precision
+    assert precision["auto_picks"] in ("off", "bf16")
     assert "| teacher_ray_nccl | PASS |" in (tmp_path / "gpu_check.md").read_text()
     assert report["environment"]["torch"] == torch.__version__
 

@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import json
 import mmap
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import IO, Any
 import numpy as np
 
 from msad.errors import UserError
-from msad.files import file_sha256, write_atomically
+from msad.files import cache_root, file_sha256, write_atomically
 
 CACHE_VERSION = 1
 _MAGIC = b"MSADCOCO"
@@ -51,7 +50,7 @@ _ARRAYS = {
 
 def default_cache_dir() -> Path:
     """$MSAD_CACHE/coco_index (default ~/.cache/msad/coco_index): the node-local folder of annotation caches."""
-    return Path(os.environ.get("MSAD_CACHE", "~/.cache/msad")).expanduser() / "coco_index"
+    return cache_root() / "coco_index"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from msad.files import file_sha256, read_tensor_file, write_atomically
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.yaml"  # in the run's folder: its config, with what `auto` values resolved to
 DIGEST_SUFFIX = ".sha256"
 
 

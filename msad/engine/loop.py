@@ -10,6 +10,7 @@ its per-step schedules and the branches it is evaluated on; the loop steps, repo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -37,15 +39,19 @@ from msad.config import Config, config_from_dict
 from msad.data.coco import CocoDetection
 from msad.data.paths import DataPaths
 from msad.data.transforms import Batch, Collate
+from msad.engine import storage
 from msad.engine.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_VERSION,
+    CONFIG_FILE,
     CorruptCheckpointError,
     load_checkpoint,
     save_checkpoint,
 )
+from msad.engine.compilation import choose_compile, has_cpp_compiler, use_shared_compile_cache
 from msad.engine.data import EpochSeededDataset, GroupedDistributedSampler, same_padding_batches, shard_indices
 from msad.engine.evaluate import coco_evaluate, to_coco_results
+from msad.engine.precision import Precision, choose_amp, device_facts
 from msad.models.trainable import Trainable, loss_terms
 
 RESULTS_FILE = "coco_results.json"
@@ -98,9 +104,19 @@ def branch_file(filename: str, branch: str | None) -> str:
     return filename.replace(".json", f"_{branch}.json") if branch else filename
 
 
+def with_precision(cfg: Config, device: torch.device, pinned: str | None = None) -> tuple[Config, Precision]:
+    """`cfg` with `train.amp` resolved for `device` (`msad.engine.precision.choose_amp`); `pinned` is the value a
+    resumed run's checkpoint was trained with, which it keeps (a run never changes arithmetic half-way, even on
+    other hardware: the warning says so when that hardware emulates it)."""
+    precision = choose_amp(pinned or cfg.train.amp, device_facts(device))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp=precision.amp)), precision
+
+
 def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision as configured: bf16 on GPUs and CPUs (CPUs with AVX-512 BF16 or AMX run it natively), fp16
-    on GPUs only (config validation refuses it elsewhere). Losses and decoding cast to fp32 themselves."""
+    """Mixed precision as resolved (`with_precision`): bf16 on GPUs and CPUs, fp16 on GPUs only (config validation
+    refuses it elsewhere). Losses and decoding cast to fp32 themselves."""
+    if cfg.train.amp == "auto":
+        cfg, _ = with_precision(cfg, device)
     if cfg.train.amp == "off" or (cfg.train.amp == "fp16" and device.type != "cuda"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16
@@ -155,7 +171,8 @@ def evaluate(model: nn.Module, dataset: CocoDetection, cfg: Config, ctx: WorkerC
                         collate_fn=Collate(d.size_divisibility))
     results: list[dict[str, Any]] = []
     loss_sum = torch.zeros(2, dtype=torch.float64)  # sum over images of the per-batch loss, images
-    with torch.inference_mode(), _autocast(cfg, ctx.device):
+    # eager even where training compiled the network: evaluation's shapes and inference mode would compile new graphs
+    with torch.inference_mode(), _autocast(cfg, ctx.device), torch.compiler.set_stance("force_eager"):
         for batch in loader:
             batch = batch.to(ctx.device)
             if with_loss:
@@ -229,21 +246,30 @@ def _restore(ctx: WorkerContext) -> tuple[dict[str, Any] | None, Path | None]:
     return None, None
 
 
-def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext) -> TrainState:
+def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext, run_dir: str | None = None) -> TrainState:
     """Train `cfg.train.role` for `cfg.train.iterations`, reporting metrics and checkpoints through `ctx`.
 
     Args:
-        cfg: the run's validated config.
+        cfg: the run's validated config; `train.amp: auto` is resolved here, on the worker's own device.
         data_paths: dataset files (resolved once by the driver, so workers never generate data concurrently).
         ctx: the runtime (rank, device, DDP and data-loader preparation, reporting, restore candidates).
+        run_dir: the run's folder (local or a URI), where rank 0 rewrites config.yaml with the resolved values.
     """
-    t = cfg.train
-    torch.manual_seed(t.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     train_set = build_train_dataset(cfg, data_paths)
     val_set = build_val_dataset(cfg, data_paths)
 
     model = build_trainable(cfg, ctx.device)
     checkpoint, checkpoint_path = _restore(ctx)
+    pinned = checkpoint["config"]["train"]["amp"] if checkpoint is not None else None
+    cfg, precision = with_precision(cfg, ctx.device, pinned)
+    t = cfg.train
+    if ctx.rank == 0:
+        if precision.warning:
+            warnings.warn(precision.warning, stacklevel=1)
+        if run_dir is not None:  # the run's config.yaml names the arithmetic it really used
+            storage.write_bytes(storage.join(run_dir, CONFIG_FILE),
+                                yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     state = TrainState()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -251,6 +277,13 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext) -> Trai
         state = TrainState(checkpoint["iteration"], checkpoint["best_ap"], list(checkpoint["history"]),
                            [*checkpoint["resumed_from"], checkpoint["iteration"]])
     model = ctx.prepare_model(with_batch_norm_sync(model, cfg, ctx.device, ctx.world_size))
+    compiled = choose_compile(t.compile, t.iterations - state.iteration, ctx.device.type, has_cpp_compiler())
+    if compiled.enabled:
+        use_shared_compile_cache()
+        unwrap(model).compile_network()
+    setup = f"{precision.line()}; {compiled.line()}"
+    if ctx.rank == 0:
+        print(setup, flush=True)
     optimizer = build_optimizer(cfg, unwrap(model))
     scheduler = build_lr_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and ctx.device.type == "cuda")
@@ -295,7 +328,9 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext) -> Trai
                 metrics = _mean_over_workers(sums, window_steps, ctx)
                 metrics["loss_total"] = sum(v for k, v in metrics.items() if k.startswith("loss_"))
                 metrics.update(iteration=state.iteration, epoch=epoch, lr=optimizer.param_groups[0]["lr"],
-                               images_per_sec_per_worker=window_steps * t.batch_per_worker / max(elapsed, 1e-9))
+                               images_per_sec_per_worker=window_steps * t.batch_per_worker / max(elapsed, 1e-9),
+                               precision=setup, **({"precision_warning": precision.warning}
+                                                    if precision.warning else {}))
                 if state.latest_ap is not None:
                     metrics["latest_AP"] = state.latest_ap
                 _report(metrics, save_now, is_last, model, optimizer, scheduler, state, val_set, cfg, ctx)
@@ -410,8 +445,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point for `TorchTrainer(train_loop_per_worker, train_loop_config=...)`.
 
     Args:
-        config: {"config": Config as a dict, "data_paths": DataPaths fields as strings}.
+        config: {"config": Config as a dict, "data_paths": DataPaths fields as strings, "run_dir": the run's folder}.
     """
     cfg = config_from_dict(config["config"])
     paths = DataPaths(**{k: Path(v) for k, v in config["data_paths"].items()})
-    run_training(cfg, paths, RayWorkerContext())
+    run_training(cfg, paths, RayWorkerContext(), run_dir=config.get("run_dir"))

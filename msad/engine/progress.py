@@ -47,6 +47,7 @@ class TrainProgress:
         self.pace = Pace(iterations)
         self.latest: dict[str, Any] = {}
         self._tenths = -1
+        self._precision_said = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="msad-progress", daemon=True)
 
@@ -92,6 +93,11 @@ class TrainProgress:
         self.pace.record(it)
         self.latest = metrics
         con = console.current()
+        if "precision" in metrics and not self._precision_said:  # what train.amp resolved to on the workers
+            self._precision_said = True
+            con.event(f"[{console.stamp()}] {metrics['precision']}")
+            if "precision_warning" in metrics:
+                con.warn(str(metrics["precision_warning"]))
         if "AP" in metrics:
             high = f"  H-branch AP {ap_text(metrics, 'H_AP')}" if "H_AP" in metrics else ""
             con.event(f"[{console.stamp()}] eval  it {it}/{self.iterations}  AP {ap_text(metrics)}{high}")

@@ -8,12 +8,11 @@ as Ray: `pyarrow.fs.FileSystem.from_uri`, so query options such as `endpoint_ove
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from msad.files import write_atomically
+from msad.files import cache_root, write_atomically
 
 
 def is_uri(location: str | Path) -> bool:
@@ -87,7 +86,7 @@ def local_copy(location: str, cache_dir: Path | None = None, sidecars: tuple[str
     file is downloaded on every call."""
     if not is_uri(location):
         return Path(location)
-    cache_dir = cache_dir or Path(os.environ.get("MSAD_CACHE", "~/.cache/msad")).expanduser() / "downloads"
+    cache_dir = cache_dir or cache_root() / "downloads"
     folder = cache_dir / hashlib.sha256(location.encode()).hexdigest()[:16]
     name = location.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
     stored = {suffix: read_bytes(_with_suffix(location, suffix)) for suffix in sidecars

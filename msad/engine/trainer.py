@@ -32,12 +32,17 @@ from msad.config import Config, check_ready_to_train, config_from_dict
 from msad.data.coco_cache import load_annotations
 from msad.data.paths import DataPaths
 from msad.engine import storage
-from msad.engine.checkpoint import CHECKPOINT_FILE, check_teacher_for_student, checkpoint_config, load_checkpoint
+from msad.engine.checkpoint import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    check_teacher_for_student,
+    checkpoint_config,
+    load_checkpoint,
+)
 from msad.engine.evaluate import METRIC_NAMES
 from msad.engine.gpu import PreflightTorchConfig, gpu_error_line
 from msad.errors import RunFailedError, UserError
 
-CONFIG_FILE = "config.yaml"
 FINAL_METRICS_FILE = "final_metrics.json"
 
 
@@ -197,6 +202,8 @@ def prepare_run(cfg: Config) -> tuple[DataPaths, str]:
     saved = storage.join(run_dir, CONFIG_FILE)
     if storage.exists(saved):
         previous = config_from_dict(yaml.safe_load(storage.read_bytes(saved)))
+        if cfg.train.amp == "auto":  # the workers wrote what auto resolved to; the run keeps it (msad.engine.loop)
+            previous.train.amp = "auto"
         changed = _changed_keys(previous.to_dict(), cfg.to_dict())
         if changed:
             raise UserError(f"distributed.run_name: run {run_dir} exists with another config ({changed[0]}); "
@@ -280,7 +287,8 @@ def fit(cfg: Config, address: str | None = None, callbacks: list[Any] | None = N
     resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop or train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "data_paths": {k: str(v) for k, v in asdict(paths).items()}},
+        train_loop_config={"config": cfg.to_dict(), "data_paths": {k: str(v) for k, v in asdict(paths).items()},
+                           "run_dir": run_dir},
         torch_config=PreflightTorchConfig(backend="nccl" if d.use_gpu else "gloo"),  # nccl: GPU checked first
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                                resources_per_worker=resources),

@@ -141,6 +141,13 @@ class SlimmableFCOS(Trainable):
     def width(self) -> float:
         return self.backbone.width
 
+    def compile_network(self) -> None:
+        """Backbone, pyramid, head (and a teacher's C-FF) compiled in place, one graph per input shape; the loss's
+        target assignment, with its data-dependent indexing, stays eager (``msad.engine.compilation``)."""
+        for part in (self.backbone, self.pyramid, self.head, getattr(self, "fusion", None)):
+            if part is not None:
+                part.compile(dynamic=False)
+
 
 class FCOSDetector(SlimmableFCOS):
     """Plain FCOS at one resolution: P3..P7 of the input image at strides 8..128 (the "no MSAD" baseline).

@@ -52,6 +52,11 @@ class Trainable(nn.Module):
     def advance(self) -> None:
         """Called once after every optimizer step (per-iteration schedules move here)."""
 
+    def compile_network(self) -> None:
+        """torch.compile what holds the step's convolutions, in place (parameter names unchanged); losses and
+        decoding stay eager. The default compiles the whole forward."""
+        self.compile(dynamic=False)
+
     def training_state(self) -> dict[str, Any]:
         """Entries to keep in training checkpoints besides the weights (schedules), keyed by checkpoint field."""
         return {}

@@ -100,6 +100,7 @@ class SweepView(Callback):
         self.running: dict[str, TrialProgress] = {}
         self.ended: dict[str, str] = {}  # name -> "done" | "stopped" | "failed"
         self.rates: dict[str, float] = {}  # kind -> seconds per iteration, latest measured
+        self.precisions: set[str] = set()  # precision lines already shown
         self.started = time.time()
         self._drawn = 0.0
 
@@ -120,6 +121,7 @@ class SweepView(Callback):
         if progress is None or "best_checkpoint" in result:  # the trial's closing result: reported at its end
             return
         progress.record(result)
+        self._say_precision(result)
         pace = progress.pace
         if (rate := pace.seconds_per_iteration()) is not None:
             self.rates[progress.plan.kind] = rate
@@ -199,6 +201,16 @@ class SweepView(Callback):
             lines.append(f"  {progress.plan.name:<34} {progress.pace.bar(20)}  loss {_loss(progress.loss)}  "
                          f"AP {ap_text(progress.evaluated)}  ETA {duration(progress.pace.eta())}")
         return lines
+
+    def _say_precision(self, result: dict[str, Any]) -> None:
+        """What `train.amp` resolved to, once per sweep for each distinct answer (trials on other hardware may differ),
+        and its warning once (an explicit bf16 on a device that emulates it)."""
+        line = result.get("precision")
+        if isinstance(line, str) and line not in self.precisions:
+            self.precisions.add(line)
+            self._say(line)
+            if isinstance(result.get("precision_warning"), str):
+                console.current().warn(result["precision_warning"])
 
     def _say(self, text: str) -> None:
         console.current().event(f"[{console.stamp()}] {text}")

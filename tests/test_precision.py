@@ -1,0 +1,158 @@
+"""train.amp: auto picks bf16 only where the device runs it natively, warns on an emulated explicit bf16, records the
+resolved value in the run's config.yaml and checkpoints, keeps it on resume; no shipped file pins bf16 or fp16."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, make_tiny_config
+
+from msad.build import resolve_data_paths
+from msad.engine.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
+from msad.engine.compilation import AUTO_MIN_ITERATIONS, choose_compile
+from msad.engine.loop import run_training
+from msad.engine.precision import DeviceFacts, choose_amp, cpu_has_native_bf16, device_facts, gpu_facts
+from msad.engine.trainer import LocalContext
+
+# The rule, written out by hand: (device, requested) -> resolved. GPUs: bf16 from compute capability 8.0 (A100)
+# on; 7.0 (V100) and 7.5 (T4) have no bf16 units, so auto trains them in fp32.
+CPU_BF16 = DeviceFacts("cpu", "Xeon (AMX)", native_bf16=True)
+CPU_AVX2 = DeviceFacts("cpu", "EPYC (AVX2)", native_bf16=False)
+TABLE = [
+    (CPU_BF16, "auto", "bf16"), (CPU_AVX2, "auto", "off"),
+    (gpu_facts("V100", (7, 0)), "auto", "off"), (gpu_facts("T4", (7, 5)), "auto", "off"),
+    (gpu_facts("A100", (8, 0)), "auto", "bf16"), (gpu_facts("H100", (9, 0)), "auto", "bf16"),
+    (CPU_AVX2, "off", "off"), (CPU_BF16, "off", "off"), (CPU_AVX2, "bf16", "bf16"),
+    (gpu_facts("T4", (7, 5)), "fp16", "fp16"), (gpu_facts("A100", (8, 0)), "fp16", "fp16"),
+]
+
+
+@pytest.mark.parametrize(("facts", "requested", "resolved"), TABLE,
+                         ids=[f"{f.name}-{r}" for f, r, _ in TABLE])
+def test_auto_rule_against_a_hand_written_table(facts: DeviceFacts, requested: str, resolved: str) -> None:
+    assert choose_amp(requested, facts).amp == resolved
+
+
+def test_explicit_bf16_where_emulated_warns_in_one_line_naming_the_device() -> None:
+    precision = choose_amp("bf16", CPU_AVX2)
+    assert precision.warning is not None and "\n" not in precision.warning
+    assert "EPYC (AVX2)" in precision.warning and "13x" in precision.warning and "train.amp=auto" in precision.warning
+    # negative controls: native bf16, or auto, warn of nothing
+    assert choose_amp("bf16", CPU_BF16).warning is None
+    assert choose_amp("auto", CPU_AVX2).warning is None
+    assert choose_amp("bf16", gpu_facts("T4", (7, 5))).warning is not None
+
+
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the kernel's CPU flags")
+def test_native_bf16_detection_agrees_with_the_kernels_cpu_flags() -> None:
+    """Checked against the kernel's own flags, not against torch: AVX-512 BF16 or AMX-BF16 means native."""
+    flags = _cpu_flags()
+    if not flags & {"avx2", "avx512f"}:
+        pytest.skip("not an x86 CPU")
+    assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert device_facts(torch.device("cpu")).native_bf16 == cpu_has_native_bf16()
+
+
+def _train(cfg: Any, run_dir: Path) -> LocalContext:
+    ctx = LocalContext(torch.device("cpu"), run_dir=run_dir)
+    run_training(cfg, resolve_data_paths(cfg.data), ctx, run_dir=str(run_dir))
+    return ctx
+
+
+def test_resolved_precision_lands_in_config_yaml_checkpoints_and_reports_and_survives_resume(
+        tmp_path: Path, shapes_cache: Path) -> None:
+    expected = "bf16" if cpu_has_native_bf16() else "off"
+    cfg = make_tiny_config(tmp_path, shapes_cache, "fcos", "amp", "train.amp=auto", "train.iterations=2",
+                           "train.lr_steps=[1]", "train.checkpoint_period=2", "train.eval_period=0",
+                           "train.bootstrap_samples=0", "distributed.num_workers=1")
+    run_dir = tmp_path / "amp"
+    run_dir.mkdir()
+    ctx = _train(cfg, run_dir)
+    assert yaml.safe_load((run_dir / CONFIG_FILE).read_text())["train"]["amp"] == expected
+    checkpoint = load_checkpoint(run_dir / "checkpoint_0000002" / "checkpoint.pt")
+    assert checkpoint["config"]["train"]["amp"] == expected
+    assert all(r["precision"].startswith("precision: ") for r in ctx.reports)
+
+    # A run resumed from a checkpoint trained in the other arithmetic keeps that arithmetic.
+    other = "off" if expected == "bf16" else "bf16"
+    checkpoint["config"]["train"]["amp"] = other
+    save_checkpoint(checkpoint, run_dir / "checkpoint_0000002" / "checkpoint.pt")  # with its digest
+    longer = make_tiny_config(tmp_path, shapes_cache, "fcos", "amp", "train.amp=auto", "train.iterations=4",
+                              "train.checkpoint_period=2", "train.eval_period=0", "train.bootstrap_samples=0",
+                              "train.lr_steps=[3]", "distributed.num_workers=1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(longer, run_dir)
+    assert yaml.safe_load((run_dir / CONFIG_FILE).read_text())["train"]["amp"] == other
+    assert load_checkpoint(run_dir / "checkpoint_0000004" / "checkpoint.pt")["config"]["train"]["amp"] == other
+    emulated = other == "bf16" and not cpu_has_native_bf16()
+    assert any("bf16 is emulated" in str(w.message) for w in caught) == emulated
+
+
+def amp_pins(tree: Any) -> list[str]:
+    """Every `amp` value set anywhere in a loaded YAML tree (a sweep's config, grid or stage sections)."""
+    if isinstance(tree, dict):
+        found = [str(v) for k, v in tree.items() if k in ("amp", "train.amp") and not isinstance(v, (dict, list))]
+        for key, value in tree.items():
+            if key in ("amp", "train.amp") and isinstance(value, list):
+                found += [str(v) for v in value]
+            found += amp_pins(value)
+        return found
+    if isinstance(tree, list):
+        return [pin for item in tree for pin in amp_pins(item)]
+    return []
+
+
+def test_no_shipped_config_or_sweep_pins_a_precision_some_machines_emulate() -> None:
+    files = sorted([*(REPO / "configs").rglob("*.yaml"), *(REPO / "sweeps").rglob("*.yaml")])
+    assert len(files) >= 10
+    pinned = {str(f.relative_to(REPO)): pins for f in files
+              if (pins := [p for p in amp_pins(yaml.safe_load(f.read_text())) if p in ("bf16", "fp16")])}
+    assert pinned == {}
+    # negative control: the same search finds a pin in a sweep grid and in a stage's train section
+    assert amp_pins({"students": {"grid": {"train.amp": ["off", "bf16"]}}}) == ["off", "bf16"]
+    assert amp_pins({"teachers": {"config": {"train": {"amp": "fp16"}}}}) == ["fp16"]
+
+
+def test_rerunning_a_run_with_auto_accepts_the_value_its_workers_wrote(tmp_path: Path, shapes_cache: Path) -> None:
+    """config.yaml holds what auto resolved to; the same command again (auto) resumes instead of being refused as a
+    changed config, while an explicit change of train.amp still is."""
+    from msad.engine.trainer import prepare_run
+    from msad.errors import UserError
+
+    cfg = make_tiny_config(tmp_path, shapes_cache, "fcos", "rerun", "train.amp=auto")
+    _, run_dir = prepare_run(cfg)
+    saved = Path(run_dir) / CONFIG_FILE
+    resolved = yaml.safe_load(saved.read_text())
+    resolved["train"]["amp"] = "bf16"  # as a worker with native bf16 rewrites it
+    saved.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    prepare_run(cfg)
+    saved.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    with pytest.raises(UserError, match="train.amp: 'bf16' -> 'off'"):
+        prepare_run(make_tiny_config(tmp_path, shapes_cache, "fcos", "rerun", "train.amp=off"))
+
+
+COMPILE_TABLE = [  # (requested, iterations, device, C++ compiler) -> compiled?
+    ("off", 100_000, "cpu", True, False), ("on", 10, "cpu", True, True), ("on", 10, "cpu", False, False),
+    ("auto", AUTO_MIN_ITERATIONS["cpu"] - 1, "cpu", True, False),
+    ("auto", AUTO_MIN_ITERATIONS["cpu"], "cpu", True, True),
+    ("auto", 100_000, "cpu", False, False), ("auto", 100_000, "cuda", True, False), ("on", 10, "cuda", False, True),
+]
+
+
+@pytest.mark.parametrize(("requested", "iterations", "device", "compiler", "compiled"), COMPILE_TABLE)
+def test_compile_rule(requested: str, iterations: int, device: str, compiler: bool, compiled: bool) -> None:
+    choice = choose_compile(requested, iterations, device, compiler)
+    assert choice.enabled == compiled and "\n" not in choice.line()
