@@ -59,10 +59,11 @@ def quickstart_config(role: str, overrides: list[str]) -> Config:
 
 
 def one_batch(cfg: Config) -> Batch:
-    """The first training batch of the built-in dataset (one orientation, padded as training pads it)."""
+    """The first training batch of the built-in dataset (the first image's orientation, padded as training pads it)."""
     dataset = build_train_dataset(cfg, resolve_data_paths(cfg.data))
-    wide = [i for i, landscape in enumerate(dataset.landscape()) if landscape][: cfg.train.batch_per_worker]
-    return Collate(cfg.data.size_divisibility)([dataset[i] for i in wide])
+    orientation = dataset.landscape()
+    same = [i for i, landscape in enumerate(orientation) if landscape == orientation[0]][: cfg.train.batch_per_worker]
+    return Collate(cfg.data.size_divisibility)([dataset[i] for i in same])
 
 
 def trainable(cfg: Config) -> Trainable:

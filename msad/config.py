@@ -466,8 +466,12 @@ def validate(cfg: Config) -> Config:
     _check(d.test_short_side >= 32, "data.test_short_side", d.test_short_side, "a size >= 32")
     _check(d.max_size >= max(d.train_short_sides + [d.test_short_side]), "data.max_size", d.max_size,
            "a size >= every short side")
-    _check(d.size_divisibility >= 1 and d.size_divisibility % 128 == 0, "data.size_divisibility",
-           d.size_divisibility, "a positive multiple of 128 (L is half of H, and L's P6 has stride 64)")
+    # a teacher and its students pair H's P3..P7 with L's (= H / 2) P2..P6: with H a multiple of 64, L's C5 (stride
+    # 32) and H's levels have equal sizes (ceil arithmetic beyond); a plain FCOS reads one image and only needs C5's 32
+    multiple = 32 if t.role == "fcos" else 64
+    _check(d.size_divisibility >= 1 and d.size_divisibility % multiple == 0, "data.size_divisibility",
+           d.size_divisibility, f"a positive multiple of {multiple}" + (
+               "" if t.role == "fcos" else " (L is half of H, and L's C5 has stride 32)"))
     _check(0.0 <= d.hflip_prob <= 1.0, "data.hflip_prob", d.hflip_prob, "a probability in [0, 1]")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
     if d.dataset == "coco":

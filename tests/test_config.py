@@ -92,7 +92,7 @@ def test_overrides_beat_files(tmp_path: Path) -> None:
         (["data.low_res_scale=0.25"], "data.low_res_scale: invalid value 0.25; it is no longer a setting"),
         (["train.base_lr=-0.01"], "train.base_lr: invalid value -0.01; allowed: a number > 0"),
         (["train.lr_steps=[250, 100]"], "train.lr_steps: invalid value [250, 100]; allowed: increasing iterations"),
-        (["train.amp=fp16"], "train.amp: invalid value 'fp16'; allowed: 'off' or 'bf16' unless distributed.use_gpu"),
+        (["train.amp=fp16"], "train.amp: invalid value 'fp16'; allowed: 'auto', 'off' or 'bf16' unless distributed.use_gpu"),
         (["data.size_divisibility=100"], "data.size_divisibility: invalid value 100; allowed: a positive multiple"),
         (["data.dataset=coco"], "data.train_images: invalid value None; allowed: a path when data.dataset is coco"),
         (["model=3"], "model: invalid value 3; expected ModelConfig"),
@@ -188,7 +188,7 @@ def test_original_yaml_turns_on_every_original_behaviour_the_departures_table_na
     table = readme.split("## Departures from the original", 1)[1].split("\n\n")[2]
     switches = {key for key in re.findall(r"`([a-z_]+\.[a-z_]+): ", table)}
     assert switches == {"model.fusion_init", "train.giou_plus_one", "train.teacher_batch_stats",
-                        "data.drop_train_images_without_boxes", "data.input_format", "train.sync_bn"}
+                        "data.drop_train_images_without_boxes", "data.input_format", "train.sync_bn", "train.amp"}
     original, default = load_config(REPO / "configs" / "paper" / "original.yaml").to_dict(), Config().to_dict()
     for key in switches - {"train.sync_bn"}:  # sync_bn: the original's newest configs use SyncBN, as msad
         section, name = key.split(".")
@@ -196,3 +196,4 @@ def test_original_yaml_turns_on_every_original_behaviour_the_departures_table_na
     assert original["model"]["fusion_init"] == "original" and original["data"]["drop_train_images_without_boxes"]
     assert original["train"]["giou_plus_one"] and original["train"]["teacher_batch_stats"]
     assert original["data"]["input_format"] == "bgr_255"
+    assert original["train"]["amp"] == "off"  # fp32, as the original trained

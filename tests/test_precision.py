@@ -56,13 +56,17 @@ def _cpu_flags() -> set[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the kernel's CPU flags")
-def test_native_bf16_detection_agrees_with_the_kernels_cpu_flags() -> None:
-    """Checked against the kernel's own flags, not against torch: AVX-512 BF16 or AMX-BF16 means native."""
+def test_native_bf16_detection_agrees_with_the_kernels_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked against the kernel's own flags, not against torch: AVX-512 BF16 or AMX-BF16 means native, unless
+    oneDNN is capped below them (ONEDNN_MAX_CPU_ISA), when it emulates bf16 whatever the CPU has."""
     flags = _cpu_flags()
     if not flags & {"avx2", "avx512f"}:
         pytest.skip("not an x86 CPU")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
     assert device_facts(torch.device("cpu")).native_bf16 == cpu_has_native_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu_has_native_bf16()
 
 
 def _train(cfg: Any, run_dir: Path) -> LocalContext:
@@ -156,3 +160,29 @@ COMPILE_TABLE = [  # (requested, iterations, device, C++ compiler) -> compiled?
 def test_compile_rule(requested: str, iterations: int, device: str, compiler: bool, compiled: bool) -> None:
     choice = choose_compile(requested, iterations, device, compiler)
     assert choice.enabled == compiled and "\n" not in choice.line()
+
+
+def test_the_sweep_view_says_each_precision_once_with_its_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every report carries the precision line: the terminal gets it once per sweep (not per trial or report), with
+    the emulation warning once; the compile line only when a trial compiles."""
+    import io
+    from types import SimpleNamespace
+
+    from msad import console
+    from msad.sweep.live import SweepView
+
+    err = io.StringIO()
+    monkeypatch.setattr(console, "_current", console.Console(err, io.StringIO()))
+    view = SweepView("s", [], 1)
+    emulated = choose_amp("bf16", CPU_AVX2)
+    for name in ("t1", "t2"):
+        trial = SimpleNamespace(config={"role": "teacher", "width": 0.25, "trial_name": name,
+                                        "msad": {"data": {"test_short_side": 128}, "train": {"iterations": 10}}})
+        view.on_trial_start(0, [], trial)
+        for iteration, compiled in ((5, "torch.compile: off (auto)"), (10, "torch.compile: on (train.compile=on)")):
+            view.on_trial_result(0, [], trial, {"iteration": iteration, "precision": emulated.line(),
+                                                "precision_warning": emulated.warning, "compile": compiled})
+    lines = err.getvalue().splitlines()
+    assert sum(emulated.line() in line for line in lines) == 1
+    assert sum("bf16 is emulated" in line for line in lines) == 1
+    assert sum("torch.compile: on" in line for line in lines) == 1 and not any("compile: off" in line for line in lines)

@@ -218,6 +218,7 @@ students:
     assert (low.train.role, sweep.baselines[2].resolution) == ("fcos", "L")
     assert (low.data.train_short_sides, low.data.test_short_side, low.data.max_size,
             low.data.size_divisibility) == ([112, 128], 128, 192, 128)  # every size halved: what students read
+    # padded as the students' L is: half of H's padding multiple (256 here)
     high = config_from_dict(sweep.baselines[0].config)
     assert (high.data.train_short_sides, high.data.test_short_side) == ([224, 256], 256)
 

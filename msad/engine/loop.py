@@ -281,9 +281,8 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext, run_dir
     if compiled.enabled:
         use_shared_compile_cache()
         unwrap(model).compile_network()
-    setup = f"{precision.line()}; {compiled.line()}"
     if ctx.rank == 0:
-        print(setup, flush=True)
+        print(f"{precision.line()}; {compiled.line()}", flush=True)
     optimizer = build_optimizer(cfg, unwrap(model))
     scheduler = build_lr_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and ctx.device.type == "cuda")
@@ -329,8 +328,8 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext, run_dir
                 metrics["loss_total"] = sum(v for k, v in metrics.items() if k.startswith("loss_"))
                 metrics.update(iteration=state.iteration, epoch=epoch, lr=optimizer.param_groups[0]["lr"],
                                images_per_sec_per_worker=window_steps * t.batch_per_worker / max(elapsed, 1e-9),
-                               precision=setup, **({"precision_warning": precision.warning}
-                                                    if precision.warning else {}))
+                               precision=precision.line(), compile=compiled.line(),
+                               **({"precision_warning": precision.warning} if precision.warning else {}))
                 if state.latest_ap is not None:
                     metrics["latest_AP"] = state.latest_ap
                 _report(metrics, save_now, is_last, model, optimizer, scheduler, state, val_set, cfg, ctx)

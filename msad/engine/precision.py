@@ -13,6 +13,7 @@ The rule is a pure function of `DeviceFacts` (`choose_amp`), so it is tested aga
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 
@@ -54,11 +55,20 @@ class Precision:
         return f"precision: {name} ({self.reason})"
 
 
+# oneDNN instruction sets below AVX-512 BF16: with ONEDNN_MAX_CPU_ISA capped at one of these, oneDNN emulates bf16
+# even on a CPU that has it (the cap also makes this machine a stand-in for an AVX2-only one, benchmarks/RESULTS.md)
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                                      "AVX512_CORE_VNNI"})
+
+
 def cpu_has_native_bf16() -> bool:
-    """x86: AVX-512 BF16 or AMX tiles; Arm: oneDNN's bf16 check (the BF16 extension). Not oneDNN's own x86 check,
-    which also says yes for plain AVX-512 (Skylake), where bf16 is converted in software."""
+    """x86: AVX-512 BF16 or AMX tiles, unless ONEDNN_MAX_CPU_ISA caps oneDNN below them; Arm: oneDNN's bf16 check
+    (the BF16 extension). Not oneDNN's own x86 check, which also says yes for plain AVX-512 (Skylake), where bf16 is
+    converted in software."""
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64", "i686", "x86"):
+        if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_BF16:
+            return False
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 

@@ -95,7 +95,7 @@ class TrainProgress:
         con = console.current()
         if "precision" in metrics and not self._precision_said:  # what train.amp resolved to on the workers
             self._precision_said = True
-            con.event(f"[{console.stamp()}] {metrics['precision']}")
+            con.event(f"[{console.stamp()}] {metrics['precision']}; {metrics.get('compile', '')}".rstrip("; "))
             if "precision_warning" in metrics:
                 con.warn(str(metrics["precision_warning"]))
         if "AP" in metrics:

@@ -204,13 +204,14 @@ class SweepView(Callback):
 
     def _say_precision(self, result: dict[str, Any]) -> None:
         """What `train.amp` resolved to, once per sweep for each distinct answer (trials on other hardware may differ),
-        and its warning once (an explicit bf16 on a device that emulates it)."""
-        line = result.get("precision")
-        if isinstance(line, str) and line not in self.precisions:
-            self.precisions.add(line)
-            self._say(line)
-            if isinstance(result.get("precision_warning"), str):
-                console.current().warn(result["precision_warning"])
+        with its warning (an explicit bf16 on a device that emulates it); a trial that compiles says so once too."""
+        compiled = result.get("compile")
+        for line in (result.get("precision"), compiled if str(compiled).startswith("torch.compile: on") else None):
+            if isinstance(line, str) and line not in self.precisions:
+                self.precisions.add(line)
+                self._say(line)
+                if line == result.get("precision") and isinstance(result.get("precision_warning"), str):
+                    console.current().warn(result["precision_warning"])
 
     def _say(self, text: str) -> None:
         console.current().event(f"[{console.stamp()}] {text}")

@@ -206,11 +206,12 @@ def _unique(name: str, taken: set[str]) -> str:
 
 
 def _at_low_resolution(data: dict[str, Any]) -> dict[str, Any]:
-    """A trial's config with every image size halved: a plain FCOS that reads what the students read (L)."""
+    """A trial's config with every image size halved: a plain FCOS that reads what the students read (L), padded as
+    a student's L is (half of H's padding), not more."""
     d = data["data"]
     low = {"train_short_sides": [side // 2 for side in d["train_short_sides"]],
            "test_short_side": d["test_short_side"] // 2, "max_size": d["max_size"] // 2,
-           "size_divisibility": max(128, d["size_divisibility"] // 2)}
+           "size_divisibility": d["size_divisibility"] // 2}
     return deep_merge(data, {"data": low})
 
 
