@@ -438,6 +438,8 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
         raise UserError(f"{files.local}: holds the results of an earlier experiment named {sweep.spec.name!r} "
                         f"(the local copy of {experiment_dir}); move it away, or set a new name in the sweep file")
     with console.capture(verbose) as con:
+        # W&B's mode, before Ray starts: a malformed key is named in one line here and the runs go offline
+        wandb = make_wandb_callback(sweep.base.tracking, sweep.spec.name, files)
         resolve_data_paths(sweep.base.data)  # generate the built-in dataset once, before trials race for it
         init_ray(address)
         check_head_fits_trial_drivers(sweep)
@@ -452,7 +454,6 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
             # errored trials stay ERROR in Tune's list; the searcher hands them out again (TeacherFirstSearcher)
             tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False)
         else:
-            wandb = make_wandb_callback(sweep.base.tracking, sweep.spec.name, files)
             view = SweepView(sweep.spec.name, [planned_trial(t.tune_config()) for t in sweep.trials],
                              sweep.spec.max_concurrent_trials)
             tuner = tune.Tuner(
