@@ -15,7 +15,8 @@ and reports COCO AP / AP50 / APs on the whole val set with its 95 % bootstrap in
 the val set, even / odd image ids). Checks, each a paired bootstrap difference on the same resampled val images:
 fused teacher > H-only; MSAD student > no-KD student; teacher > MSAD student; and the fraction of the
 FCOS_L -> FCOS_H gap the student closes. One process trains one seed (`--seed`); `--combine` puts several seeds'
-output folders together and averages the paired differences over them (seeds, then images, resampled).
+output folders together and averages the paired differences over them (a t-interval over the seeds that also
+counts the image noise they share: `msad.engine.bootstrap.seed_t_interval`).
 
     python benchmarks/fidelity.py --iterations 300 --batch 8 --out runs/fidelity
     python benchmarks/fidelity.py --seed 1 --iterations 300 --batch 8 --out runs/fidelity_s1
@@ -278,7 +279,7 @@ def _replicates(score: Score) -> Replicates | None:
 
 def claims(runs: list[tuple[int, list[Score]]]) -> Iterator[str]:
     """The paper's qualitative claims. With bootstrap replicates: the paired AP difference on the same resampled
-    val images, averaged over the training seeds given (a two-level bootstrap: seeds, then images), called a
+    val images, averaged over the training seeds given (a t-interval over seeds plus shared image noise), called a
     difference only when its 95 % interval excludes zero. Without (older scores): the sign on the full set and on
     each val half."""
     seeds = [{s.name: s for s in scores} for _, scores in runs]

@@ -23,6 +23,9 @@ from msad.engine.bootstrap import (
     paired_difference,
     resample_weights,
     seed_averaged_difference,
+    seed_t_interval,
+    t_cdf,
+    t_quantile,
     weighted_accumulate,
 )
 from msad.engine.evaluate import coco_evaluate
@@ -191,6 +194,52 @@ def test_seed_averaged_difference_widens_with_seed_noise(scene: tuple[dict, list
     assert steady.point == pytest.approx(0.02) and steady.low == pytest.approx(0.02) and steady.real
     noisy = seed_averaged_difference([(shifted(0.10), a), (shifted(-0.06), a)], "AP")
     assert noisy.point == pytest.approx(0.02) and noisy.low < 0 < noisy.high and not noisy.real
+
+
+def test_t_quantiles_match_the_tables_and_are_not_the_normal_ones() -> None:
+    """Student's t (no scipy): the 97.5 % quantiles of a t table, a fractional df between its neighbours, the
+    normal limit; negative control: the normal 1.96 leaves 8 % (not 2.5 %) above it at 2 df."""
+    for df, table in ((1, 12.7062047), (2, 4.3026527), (3, 3.1824463), (4, 2.7764451), (10, 2.2281389),
+                      (30, 2.0422725)):
+        assert t_quantile(0.975, df) == pytest.approx(table, abs=1e-6)
+        assert t_cdf(table, df) == pytest.approx(0.975, abs=1e-7)
+    assert t_quantile(0.025, 3) == pytest.approx(-3.1824463, abs=1e-6)
+    assert 3.1824463 < t_quantile(0.975, 2.5) < 4.3026527
+    assert t_quantile(0.975, 1e6) == pytest.approx(1.959966, abs=1e-5)
+    assert 1 - t_cdf(1.959964, 2) == pytest.approx(0.0943, abs=1e-3)
+
+
+def test_seed_t_interval_adds_the_image_noise_seeds_share_to_a_t_interval_over_them() -> None:
+    """The fidelity run's KD differences (+0.8, +0.1, +1.1 AP): without image noise common to the seeds the
+    interval is the t-interval over the three values, which holds zero; noise of each seed alone is already in
+    their spread and adds nothing. Noise all seeds share adds its normal half-width in quadrature."""
+    per_seed = np.array([0.008, 0.001, 0.011])
+    rng = np.random.default_rng(0)
+    own = rng.normal(0, 0.0023, (3, 500))  # each seed's own image noise: independent across seeds
+    low, high = seed_t_interval(per_seed, per_seed[:, None] + own)
+    half = 4.3026527 * per_seed.std(ddof=1) / np.sqrt(3)
+    assert (low, high) == pytest.approx((per_seed.mean() - half, per_seed.mean() + half), abs=2e-4)
+    assert (round(100 * low, 1), round(100 * high, 1)) == (-0.6, 1.9)  # RESULTS.md: [-0.6, 2.0], unrounded seeds
+    common = rng.normal(0, 0.003, 500)  # all three seeds' replicates move together
+    wider = seed_t_interval(per_seed, per_seed[:, None] + common[None, :])
+    expected = np.hypot(half, 1.959964 * common.std(ddof=1))
+    assert wider == pytest.approx((per_seed.mean() - expected, per_seed.mean() + expected), rel=1e-6)
+    assert wider[1] - wider[0] > high - low
+    # seeds that agree exactly: only the shared image noise is left, a normal interval on it
+    same = seed_t_interval(np.full(3, 0.007), 0.007 + np.tile(common, (3, 1)))
+    assert same == pytest.approx((0.007 - 1.959964 * common.std(ddof=1), 0.007 + 1.959964 * common.std(ddof=1)))
+    assert seed_t_interval(per_seed[:1], own[:1]) is None  # one seed has no spread to go on
+    # through seed_averaged_difference, the report's path: the same interval, each seed's value kept; negative
+    # control, the old two-level bootstrap on the same replicates calls +0.7 real, as it did on the fidelity run
+    zero = Replicates(0, "val", 128, {"AP": [0.0] * 500}, {"AP": 0.0})
+    pairs = [(Replicates(0, "val", 128, {"AP": list(p + o)}, {"AP": float(p)}), zero)
+             for p, o in zip(per_seed, own, strict=True)]
+    report = seed_averaged_difference(pairs, "AP")
+    assert (report.low, report.high) == pytest.approx((low, high), rel=1e-12)
+    assert report.method == "t" and report.per_seed == tuple(per_seed) and report.seeds == 3 and not report.real
+    old = seed_averaged_difference(pairs, "AP", method="two-level")
+    assert old.method == "two-level" and old.point == pytest.approx(0.00667, abs=1e-5) and old.real
+    assert 0 < old.low < 0.003 and old.high - old.low < 0.5 * (high - low)  # half as wide
 
 
 def test_coco_evaluate_reports_intervals_and_writes_replicates(scene: tuple[dict, list[dict], COCOeval],

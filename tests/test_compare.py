@@ -105,6 +105,50 @@ def test_seed_replicates_are_compared_as_a_mean_over_seeds_with_seed_noise() -> 
                 for r, g in zip(rows[3:], (0.09, -0.015, 0.015), strict=True)]
     (kd,) = comparisons(rows)
     assert kd.difference.point == pytest.approx(0.03) and kd.difference.low < 0 < kd.difference.high
+    assert kd.per_seed == pytest.approx((0.09, -0.015, 0.015)) and kd.interval_name == "t over 3 seeds"
+
+
+def kd_over_seeds(gains: tuple[float, ...], noise: float = 0.0016) -> list[TrialSummary]:
+    """No-KD and KD students over len(gains) seeds; KD ahead by gains[s] in seed s, each model with its own image
+    noise (0.0016 each: one seed's paired interval +-0.45 AP, as on the fidelity run)."""
+    rows = [row("student-w0.25-l128-kd0-t3", "student", 0.0, seed=s, kd_alpha=0.0, noise=noise, several_seeds=True)
+            for s in range(len(gains))]
+    return rows + [row("student-w0.25-l128-kd0.2-t3", "student", g, seed=s, kd_alpha=0.2, noise=noise,
+                       several_seeds=True) for s, g in enumerate(gains)]
+
+
+def test_the_fidelity_runs_kd_gain_is_not_called_real_from_three_seeds_that_disagree(tmp_path: Path) -> None:
+    """The 900-iteration fidelity run's KD line: +0.8, +0.1, +1.1 AP over three seeds, each seed's own interval
+    about +-0.45. The old two-level bootstrap called the mean real, [0.1, 1.2]; the t-interval over the seeds holds
+    zero, and the table shows the three values it rests on. Negative control: the same three seeds' replicates
+    through the old method still come out real, and three seeds that agree (+0.7 each) are real with the new one."""
+    from msad.engine.bootstrap import seed_averaged_difference
+    from msad.sweep.compare import TABLE_COLUMNS, comparisons_markdown, table_rows
+
+    rows = kd_over_seeds((0.008, 0.001, 0.011))
+    (kd,) = comparisons(rows)
+    assert kd.seeds == 3 and kd.per_seed == pytest.approx((0.008, 0.001, 0.011))
+    d = kd.difference
+    assert d.method == "t" and d.point == pytest.approx(0.00667, abs=1e-5) and not kd.real
+    assert -0.0075 < d.low < -0.005 and 0.018 < d.high < 0.021  # t(2) over the seeds: about [-0.6, 1.9]
+    pairs = [(Replicates.from_dict(a.replicates), Replicates.from_dict(b.replicates)) for a, b in zip(
+        rows[3:], rows[:3], strict=True)]
+    old = seed_averaged_difference(pairs, "AP", method="two-level")
+    assert old.point == pytest.approx(d.point) and old.real and old.low > 0
+    (agreeing,) = comparisons(kd_over_seeds((0.007, 0.007, 0.007)))
+    assert agreeing.real and agreeing.difference.low > 0.003  # image noise alone: real
+
+    table = comparisons_markdown([kd])
+    header, _, line = table.splitlines()
+    assert [c.strip() for c in header.split("|")[1:-1]] == list(TABLE_COLUMNS)
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[1:] == ["3", "30.7", "30.0", "+0.7", "+0.8 / +0.1 / +1.1",
+                         f"[{100 * d.low:.1f}, {100 * d.high:.1f}]", "t over 3 seeds", "no"]
+    (data,) = table_rows([kd])  # what W&B's report run should log: the same numbers, unrounded
+    assert data[:2] == [kd.label, 3] and data[4] == pytest.approx(0.00667, abs=1e-5)
+    assert [float(v) for v in data[5].split()] == pytest.approx([0.008, 0.001, 0.011])
+    assert [float(v) for v in data[6].split()] == pytest.approx([d.low, d.high], rel=1e-5)
+    assert data[7:] == ["t over 3 seeds", False]
 
 
 def test_report_prints_intervals_comparisons_and_the_seed_table(tmp_path: Path) -> None:
@@ -117,7 +161,8 @@ def test_report_prints_intervals_comparisons_and_the_seed_table(tmp_path: Path) 
              if line.startswith("| ") and "---" not in line}
     assert lines["student w0.25 L128 KD 0.2 vs plain FCOS w0.25 L128"][-1] == "**yes**"
     assert lines["student w0.25 L128 KD 0.2 vs without KD"][-1] == "no"
-    assert lines["student w0.25 L128 KD 0.2 vs without KD"][:4] == ["1", "30.2", "30.0", "+0.2"]
+    assert lines["student w0.25 L128 KD 0.2 vs without KD"][:5] == ["1", "30.2", "30.0", "+0.2", "-"]
+    assert lines["student w0.25 L128 KD 0.2 vs without KD"][-2] == "images, 1 seed"  # one seed: image noise only
     assert "comparisons are real" in text and "Across seeds" not in text
     report = (tmp_path / "report.md").read_text()
     assert rest.splitlines()[2] in report  # the printed comparisons are the report's
