@@ -97,7 +97,9 @@ class DataConfig:
     test_short_side: int = 256  # H short side at evaluation
     max_size: int = 1333  # cap on the H long side
     low_res_mode: Literal["nearest", "antialias"] = "nearest"  # nearest = the original; antialias ~ a real camera
-    size_divisibility: int = 256  # pad H to a multiple of this (256 keeps L's pyramid aligned with H's)
+    # pad images to a multiple of this: 256 as in the paper; teachers and students need a multiple of 64 (then L = H/2
+    # has C5 at stride 32 and H's P3-P7 match L's P2-P6 in size), a plain FCOS 32. More is only padding to compute
+    size_divisibility: int = 256
     hflip_prob: float = 0.5
     # the model's input space: "rgb_imagenet" = RGB in 0-1 with ImageNet mean/std (what the ImageNet weights were
     # trained on); "bgr_255" = BGR in 0-255 minus Detectron2's mean, std 1, as the original feeds its models

@@ -96,6 +96,10 @@ TRIALS = {
 }
 
 
+# what every report of a worker says it resolved (msad.engine.loop): the W&B run keeps it in its config
+RESOLVED = {"precision": "precision: fp32 (auto: CPU test (no native bf16))", "compile": "torch.compile: off (test)"}
+
+
 def _msad_config(role: str, kd_alpha: float | None) -> dict[str, Any]:
     config = Config().to_dict()
     config["train"]["role"] = role
@@ -112,7 +116,7 @@ def _trainable(config: dict[str, Any]) -> None:
     from ray import tune
 
     for step in (1, 2):
-        tune.report({"iteration": step, "loss_total": 2.0 / step, "lr": 0.01})
+        tune.report({"iteration": step, "loss_total": 2.0 / step, "lr": 0.01, **RESOLVED})
     _, _, _, ap = TRIALS[config["trial_name"]]
     if ap is None:
         raise RuntimeError("injected failure after iteration 2")
@@ -186,6 +190,7 @@ def test_tune_trials_become_offline_wandb_runs_named_grouped_and_tagged(tune_run
         expected = _msad_config(role, kd_alpha)
         assert {key: run["config"][key] for key in expected} == expected  # the whole msad config, sections nested
         assert not {"trial_name", "role", "msad"} & set(run["config"])  # Tune's trial config is not mixed in
+        assert run["config"]["resolved"] == RESOLVED  # what train.amp / train.compile "auto" meant there
 
         summary = run["summary"]
         row_fields = {f.name for f in dataclasses.fields(TrialSummary)} - set(REPLICATE_KEYS)
@@ -254,6 +259,8 @@ def test_the_sweep_report_is_one_wandb_run_with_tables_and_the_plot(tmp_path: Pa
     assert [row[table["columns"].index("name")] for row in table["data"]] == [
         "teacher-w0.25-h256", "fcos-w0.25-l128", "student-w0.25-l128-kd0-t3", "student-w0.25-l128-kd0.2-t3"]
     comparisons = json.loads(media("comparisons").read_text())
+    assert comparisons["columns"] == ["Comparison", "Seeds", "A", "B", "A - B", "Per seed", "95% CI", "Interval",
+                                      "Real?"]  # the report's own comparisons table, per-seed values included
     verdicts = {row[0]: row[-1] for row in comparisons["data"]}
     assert verdicts["student w0.25 L128 KD 0.2 vs plain FCOS w0.25 L128"] is True
     assert verdicts["student w0.25 L128 KD 0.2 vs without KD"] is False

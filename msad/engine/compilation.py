@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 from msad.files import cache_root
 
-# The smallest run `auto` compiles, per device kind: compile time / time saved per step, measured on the quickstart
-# teacher (2-core CPU, benchmarks/RESULTS.md "torch.compile"), rounded up. No GPU was measured: on CUDA, auto keeps
-# eager until one is (`benchmarks/gpu_check.py` records the numbers to set it from).
-AUTO_MIN_ITERATIONS = {"cpu": 3000}
+# The smallest run `auto` compiles, per (device kind, resolved train.amp): cold compile time / time saved per step,
+# measured on the quickstart's teacher (2-core CPU, benchmarks/RESULTS.md "Fast on the user's hardware"), rounded
+# up. Absent: never (bf16 on CPU saved too little to measure; no GPU has been measured yet, and
+# `benchmarks/gpu_check.py` is where that number will come from).
+AUTO_MIN_ITERATIONS = {("cpu", "off"): 15_000}
 CACHE_ENV_VAR = "TORCHINDUCTOR_CACHE_DIR"
 
 
@@ -34,18 +35,19 @@ class CompileChoice:
         return f"torch.compile: {'on' if self.enabled else 'off'} ({self.reason})"
 
 
-def choose_compile(requested: str, iterations: int, device_kind: str, has_compiler: bool = True) -> CompileChoice:
-    """Resolve `train.compile` for a run of `iterations` steps on a `device_kind` ("cpu" or "cuda") device;
-    `has_compiler`: a C++ compiler for Inductor's CPU kernels is on the PATH."""
+def choose_compile(requested: str, iterations: int, device_kind: str, amp: str = "off",
+                   has_compiler: bool = True) -> CompileChoice:
+    """Resolve `train.compile` for a run of `iterations` steps on a `device_kind` ("cpu" or "cuda") device in the
+    resolved arithmetic `amp`; `has_compiler`: a C++ compiler for Inductor's CPU kernels is on the PATH."""
     if requested == "off":
         return CompileChoice(False, "train.compile=off")
     if device_kind == "cpu" and not has_compiler:
         return CompileChoice(False, "no C++ compiler (c++, g++ or clang++) for Inductor's CPU kernels")
     if requested == "on":
         return CompileChoice(True, "train.compile=on")
-    threshold = AUTO_MIN_ITERATIONS.get(device_kind)
+    threshold = AUTO_MIN_ITERATIONS.get((device_kind, amp))
     if threshold is None:
-        return CompileChoice(False, f"auto: not measured on {device_kind} yet")
+        return CompileChoice(False, f"auto: no run length repays compiling measured for {device_kind} with amp {amp}")
     if iterations < threshold:
         return CompileChoice(False, f"auto: {iterations} iterations do not repay compiling (from {threshold})")
     return CompileChoice(True, f"auto: {iterations} iterations repay compiling (from {threshold})")

@@ -277,7 +277,7 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext, run_dir
         state = TrainState(checkpoint["iteration"], checkpoint["best_ap"], list(checkpoint["history"]),
                            [*checkpoint["resumed_from"], checkpoint["iteration"]])
     model = ctx.prepare_model(with_batch_norm_sync(model, cfg, ctx.device, ctx.world_size))
-    compiled = choose_compile(t.compile, t.iterations - state.iteration, ctx.device.type, has_cpp_compiler())
+    compiled = choose_compile(t.compile, t.iterations - state.iteration, ctx.device.type, t.amp, has_cpp_compiler())
     if compiled.enabled:
         use_shared_compile_cache()
         unwrap(model).compile_network()

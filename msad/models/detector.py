@@ -141,12 +141,12 @@ class SlimmableFCOS(Trainable):
     def width(self) -> float:
         return self.backbone.width
 
-    def compile_network(self) -> None:
+    def compile_network(self, backend: str = "inductor") -> None:
         """Backbone, pyramid, head (and a teacher's C-FF) compiled in place, one graph per input shape; the loss's
         target assignment, with its data-dependent indexing, stays eager (``msad.engine.compilation``)."""
         for part in (self.backbone, self.pyramid, self.head, getattr(self, "fusion", None)):
             if part is not None:
-                part.compile(dynamic=False)
+                part.compile(dynamic=False, backend=backend)
 
 
 class FCOSDetector(SlimmableFCOS):

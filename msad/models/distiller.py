@@ -63,9 +63,9 @@ class Distiller(Trainable):
     def evaluation_branches(self) -> dict[str, str | None]:
         return self.student.evaluation_branches()
 
-    def compile_network(self) -> None:
+    def compile_network(self, backend: str = "inductor") -> None:
         """The student's network; the frozen teacher runs eagerly under inference mode (no backward to save)."""
-        self.student.compile_network()
+        self.student.compile_network(backend)
 
     def advance(self) -> None:
         self.schedule.step()

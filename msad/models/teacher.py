@@ -37,7 +37,7 @@ def check_aligned(high: Sequence[Tensor], low: Sequence[Tensor]) -> None:
         if h.shape[-2:] != lo.shape[-2:]:
             raise UserError(
                 f"H level {high_name} is {tuple(h.shape[-2:])} but L level {low_name} is {tuple(lo.shape[-2:])}; "
-                "MSAD needs them equal: pad images to a multiple of 256 (size_divisibility) and make L exactly H/2"
+                "MSAD needs them equal: pad images to a multiple of 64 (data.size_divisibility) and make L exactly H/2"
             )
 
 
@@ -146,7 +146,7 @@ class MSADTeacher(SlimmableFCOS):
         """Run the backbone + pyramid on H (P3..P7) and on L = H/2 (P2..P6), check alignment, fuse.
 
         Args:
-            images: the H batch [B, 3, H, W], padded to a multiple of 256.
+            images: the H batch [B, 3, H, W], padded to a multiple of 64 (data.size_divisibility).
         """
         high = pyramid_features(self.backbone, self.pyramid, images, HIGH_LEVELS)
         if self.fusion is None:
@@ -179,7 +179,7 @@ class MSADTeacher(SlimmableFCOS):
         terms only.
 
         Args:
-            images: the H batch [B, 3, H, W], padded to a multiple of 256.
+            images: the H batch [B, 3, H, W], padded to a multiple of 64 (data.size_divisibility).
             targets: per image "boxes" [N, 4] xyxy in H pixels and "labels" [N]; every branch uses them.
         """
         features = self.fuse_aligned_levels(images)
@@ -206,7 +206,7 @@ class MSADTeacher(SlimmableFCOS):
         """Detections per image in H pixels from one branch, computing only what that branch needs.
 
         Args:
-            images: the H batch [B, 3, H, W], padded to a multiple of 256.
+            images: the H batch [B, 3, H, W], padded to a multiple of 64 (data.size_divisibility).
             image_sizes: (h, w) of each H image before padding.
             branch: "fused" or None (the teacher's real output: needs H and L), "high" (H only) or "low" (L only;
                 not available without fusion, since such a teacher never trained on L).

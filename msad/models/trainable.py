@@ -52,10 +52,10 @@ class Trainable(nn.Module):
     def advance(self) -> None:
         """Called once after every optimizer step (per-iteration schedules move here)."""
 
-    def compile_network(self) -> None:
+    def compile_network(self, backend: str = "inductor") -> None:
         """torch.compile what holds the step's convolutions, in place (parameter names unchanged); losses and
-        decoding stay eager. The default compiles the whole forward."""
-        self.compile(dynamic=False)
+        decoding stay eager. The default compiles the whole forward. `backend`: torch.compile's."""
+        self.compile(dynamic=False, backend=backend)
 
     def training_state(self) -> dict[str, Any]:
         """Entries to keep in training checkpoints besides the weights (schedules), keyed by checkpoint field."""

@@ -27,9 +27,6 @@ from msad.sweep.report import TrialSummary, aligned_table, interval_cell
 
 TABLE_COLUMNS = ("Comparison", "Seeds", "A", "B", "A - B", "Per seed", "95% CI", "Interval", "Real?")
 RIGHT = {"Seeds", "A", "B", "A - B", "Per seed", "95% CI"}
-# The columns msad.sweep.tracking's W&B report table was written for (before "Per seed" and "Interval"); it should
-# log `TABLE_COLUMNS` with `table_rows` instead, the report's own table data.
-COLUMNS = ("Comparison", "Seeds", "A", "B", "A - B", "95% CI", "Real?")
 INTERVAL_NAMES = {"images": "images, 1 seed", "t": "t over {n} seeds", "two-level": "bootstrap over {n} seeds"}
 SEED_COLUMNS = ("Trial", "Seeds", "Mean AP", "SD", "Min", "Max")
 

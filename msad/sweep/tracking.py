@@ -317,10 +317,11 @@ class WandbTrialLogger(Callback):
         self._runs: dict[str, Any] = {}  # trial id -> wandb Run
         self._last_step: dict[str, int] = {}
         self._init_args: dict[str, dict[str, Any]] = {}  # trial id -> its wandb.init arguments (to reopen offline)
+        self._setup_logged: set[str] = set()  # trial ids whose resolved precision and compile are in their config
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune saves its callbacks with the experiment; open runs belong to this process only.
-        return {**self.__dict__, "_runs": {}, "_last_step": {}, "_init_args": {}}
+        return {**self.__dict__, "_runs": {}, "_last_step": {}, "_init_args": {}, "_setup_logged": set()}
 
     def setup(self, **info: Any) -> None:
         if self.mode == "online" and not wandb_api_key_available():
@@ -357,6 +358,7 @@ class WandbTrialLogger(Callback):
         if run is None or not isinstance(step, int) or step <= self._last_step[trial.trial_id]:
             return  # not an msad report, or an iteration logged before a restart from an earlier checkpoint
         try:
+            self._log_setup(trial.trial_id, run, result)
             run.log(_history_values(result), step=step)
         except Exception as err:  # W&B's process failed: the run goes on offline (same id: synced as one run)
             report_problem(err, self.files.local)
@@ -371,6 +373,15 @@ class WandbTrialLogger(Callback):
             except Exception as again:
                 report_problem(again, self.files.local)
         self._last_step[trial.trial_id] = step
+
+    def _log_setup(self, trial_id: str, run: Any, result: dict) -> None:
+        """What the workers resolved (`train.amp: auto`'s precision, `train.compile`), into the run's config under
+        "resolved" once: the trial's config says "auto", its W&B run says what that meant on its hardware."""
+        if trial_id in self._setup_logged or not isinstance(result.get("precision"), str):
+            return
+        resolved = {key: result[key] for key in ("precision", "compile", "precision_warning") if key in result}
+        run.config.update({"resolved": resolved}, allow_val_change=True)
+        self._setup_logged.add(trial_id)
 
     def finish_trial(self, trial: Trial, summary: TrialSummary) -> str | None:
         """Write the trial's report row into its run's summary and close the run; returns the run's folder
@@ -444,15 +455,12 @@ def log_report_run(tracking: TrackingConfig, experiment_name: str, files: Experi
         return None
     import wandb
 
-    from msad.sweep.compare import COLUMNS, comparisons
+    from msad.sweep.compare import TABLE_COLUMNS, comparisons, table_rows
     from msad.sweep.report import REPORT_PLOT, raw_table, read_trial_summaries
 
     summaries = read_trial_summaries(files.local)
     columns, rows = raw_table(summaries)
     found = comparisons(summaries)
-    comparison_rows = [[c.label, c.seeds, c.mean_a, c.mean_b, c.mean_a - c.mean_b,
-                        None if c.difference is None else f"{c.difference.low:.6g} {c.difference.high:.6g}",
-                        None if c.real is None else bool(c.real)] for c in found]
     run = start_run(mode, files.local, project=tracking.project, entity=tracking.entity, group=experiment_name,
                     job_type=REPORT_JOB_TYPE, name=f"{experiment_name}-report",
                     tags=[*tracking.tags, REPORT_JOB_TYPE, experiment_name], dir=str(files.local),
@@ -461,7 +469,7 @@ def log_report_run(tracking: TrackingConfig, experiment_name: str, files: Experi
         return None
     try:
         run.log({"report": wandb.Table(columns=columns, data=rows),
-                 "comparisons": wandb.Table(columns=list(COLUMNS), data=comparison_rows),
+                 "comparisons": wandb.Table(columns=list(TABLE_COLUMNS), data=table_rows(found)),  # the report's
                  "ap_vs_capacity": wandb.Image(str(files.local / REPORT_PLOT))})
         run.summary.update({"trials": len(summaries), "comparisons": len(found),
                             "real_differences": sum(1 for c in found if c.real)})
