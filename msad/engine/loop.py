@@ -263,6 +263,11 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext, run_dir
     checkpoint, checkpoint_path = _restore(ctx)
     pinned = checkpoint["config"]["train"]["amp"] if checkpoint is not None else None
     cfg, precision = with_precision(cfg, ctx.device, pinned)
+    if ctx.world_size > 1:  # one arithmetic for the whole run: rank 0's (another node's CPU may differ)
+        chosen: list[Any] = [precision.amp]
+        dist.broadcast_object_list(chosen, src=0)
+        if chosen[0] != precision.amp:
+            cfg, precision = with_precision(cfg, ctx.device, chosen[0])
     t = cfg.train
     if ctx.rank == 0:
         if precision.warning:
