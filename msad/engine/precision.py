@@ -13,6 +13,7 @@ The rule is a pure function of `DeviceFacts` (`choose_amp`), so it is tested aga
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from dataclasses import dataclass
@@ -74,13 +75,11 @@ def cpu_has_native_bf16() -> bool:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    """The CPU's model name from /proc/cpuinfo (Linux); elsewhere what `platform` knows."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
