@@ -8,10 +8,13 @@ each, with a 40-character key in a temporary netrc.
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,16 +22,35 @@ KINDS = ("503", "silent", "closed", "401", "429")
 STATUS = {"503": 503, "401": 401, "429": 429}
 
 
+ANALYTICS_PATH = "/sdk/otel/"  # wandb's own usage analytics (OpenTelemetry), sent without credentials
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request the server got: its path, its headers as text, its body."""
+
+    path: str
+    headers: str
+    body: bytes
+
+    def holds(self, secret: str) -> bool:
+        """Whether `secret` is in the path, the body or a header, also inside HTTP basic auth (base64)."""
+        decoded = [base64.b64decode(m, validate=False) for m in re.findall(r"Basic ([A-Za-z0-9+/=]+)", self.headers)]
+        return (secret in self.path or secret in self.headers or secret.encode() in self.body
+                or any(secret.encode() in d for d in decoded))
+
+
 class _AnswerStatus(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         self.server.hits += 1  # type: ignore[attr-defined]
         length = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(length)
-        body = b'{"errors": [{"message": "failing on purpose"}]}'
+        body = self.rfile.read(length)
+        self.server.requests.append(Request(self.path, str(self.headers), body))  # type: ignore[attr-defined]
+        answer = b'{"errors": [{"message": "failing on purpose"}]}'
         self.send_response(self.server.status)  # type: ignore[attr-defined]
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(answer)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(answer)
 
     do_GET = do_POST = do_PUT = do_HEAD = _answer
 
@@ -51,6 +73,11 @@ class FailingServer:
         self._stop = threading.Event()
 
     @property
+    def requests(self) -> list[Request]:
+        """The HTTP requests answered so far (HTTP kinds; none for "silent" and "closed")."""
+        return list(self._http.requests) if self._http is not None else []  # type: ignore[attr-defined]
+
+    @property
     def hits(self) -> int:
         return self._http.hits if self._http is not None else self._connections  # type: ignore[attr-defined]
 
@@ -58,6 +85,7 @@ class FailingServer:
         if self.kind in STATUS:
             self._http = ThreadingHTTPServer(("127.0.0.1", 0), _AnswerStatus)
             self._http.hits = 0  # type: ignore[attr-defined]
+            self._http.requests = []  # type: ignore[attr-defined]
             self._http.status = STATUS[self.kind]  # type: ignore[attr-defined]
             self._http.daemon_threads = True
             self.port = self._http.server_address[1]

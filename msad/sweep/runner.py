@@ -39,7 +39,13 @@ from msad.sweep.report import (
     write_trial_summary,
 )
 from msad.sweep.spec import Sweep, TrialSpec, load_sweep
-from msad.sweep.tracking import WandbTrialLogger, log_report_run, make_wandb_callback, sync_command
+from msad.sweep.tracking import (
+    WandbTrialLogger,
+    keep_analytics_messages_in,
+    log_report_run,
+    make_wandb_callback,
+    sync_command,
+)
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -445,6 +451,8 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
         check_head_fits_trial_drivers(sweep)
         checked_nodes = check_shared_storage(sweep.base.distributed.storage_path)
         log = console.keep_log(files.local / SWEEP_LOG)
+        if log and wandb:
+            keep_analytics_messages_in(log)
         con.event(f"sweep {sweep.spec.name}: {len(sweep.trials)} trials, experiment {experiment_dir}"
                   + (f"; Ray's, Tune's and W&B's messages: {log}" if log else ""))
 

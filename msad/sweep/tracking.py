@@ -35,6 +35,7 @@ driver machine's `~/.netrc`, from `wandb login`) itself, in the driver process o
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import netrc
 import os
@@ -222,11 +223,23 @@ def start_run(mode: str, experiment_dir: Path | str, **init_args: Any) -> Any | 
         except Exception as err:  # W&B is a side channel: unreachable, 5xx, refused key, quota...
             print(f"W&B: wandb.init online gave up after {time.monotonic() - started:.1f} s", file=sys.stderr)
             report_problem(err, experiment_dir)
+            if init_args.get("id"):  # wandb's service keeps the failed online run's id for this process
+                init_args = {**init_args, "id": offline_run_id(str(init_args["id"]))}
     try:
         return wandb.init(mode="offline", settings=base_settings(), **init_args)
     except Exception as err:
         report_problem(err, experiment_dir)
         return None
+
+
+OFFLINE_ID_SUFFIX = "-offline"
+
+
+def offline_run_id(run_id: str) -> str:
+    """The id of the offline run that stands in for a run whose online start failed: wandb's service process keeps
+    the failed run's id taken until the process ends ("run ID ... is in use"), so the stand-in needs its own. It is
+    synced later as a run of its own, with the trial's name, group and config."""
+    return run_id + OFFLINE_ID_SUFFIX
 
 
 def finish_run(run: Any, experiment_dir: Path | str, exit_code: int = 0) -> Path:
@@ -360,11 +373,13 @@ class WandbTrialLogger(Callback):
         try:
             self._log_setup(trial.trial_id, run, result)
             run.log(_history_values(result), step=step)
-        except Exception as err:  # W&B's process failed: the run goes on offline (same id: synced as one run)
+        except Exception as err:  # W&B's process failed: the run goes on offline
             report_problem(err, self.files.local)
+            init_args = self._init_args[trial.trial_id]
+            if not run.offline:  # an online run's id stays taken in wandb's service if its finish fails
+                init_args = self._init_args[trial.trial_id] = {**init_args, "id": offline_run_id(init_args["id"])}
             finish_run(run, self.files.local)
-            run = self._runs[trial.trial_id] = start_run("offline", self.files.local,
-                                                         **self._init_args[trial.trial_id])
+            run = self._runs[trial.trial_id] = start_run("offline", self.files.local, **init_args)
             if run is None:
                 del self._runs[trial.trial_id]
                 return
@@ -480,6 +495,34 @@ def log_report_run(tracking: TrackingConfig, experiment_name: str, files: Experi
         return folder.relative_to(files.local).as_posix()
     except ValueError:  # WANDB_DIR set by the user: wandb wrote elsewhere
         return None
+
+
+ANALYTICS_LOGGER = "opentelemetry"  # wandb sends its own usage analytics to the W&B server with OpenTelemetry
+
+
+class _AnalyticsLog(logging.FileHandler):
+    """The sweep log's handler of wandb's analytics exporter (a class of its own, so a later sweep replaces it)."""
+
+
+def keep_analytics_messages_in(log: Path) -> None:
+    """Send the messages of wandb's analytics exporter to the sweep's log, not the terminal.
+
+    wandb reports its own errors to the W&B server through OpenTelemetry; against a failing server the exporter
+    retries and says so ("Transient error Service Unavailable encountered while exporting metrics batch") through
+    Python logging, from a background thread until the process exits: after the sweep's capture of the terminal has
+    ended. Nothing is turned off: the lines only change place.
+
+    Args:
+        log: the sweep's log file (appended to).
+    """
+    logger = logging.getLogger(ANALYTICS_LOGGER)
+    for old in [h for h in logger.handlers if isinstance(h, _AnalyticsLog)]:
+        logger.removeHandler(old)
+        old.close()
+    handler = _AnalyticsLog(log, encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
 
 
 def sync_command(experiment_dir: Path | str) -> str:
