@@ -8,7 +8,6 @@ import io
 import json
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -156,20 +155,64 @@ def test_unwritable_cache_folder_falls_back_to_parsing(shapes, tmp_path: Path) -
     assert arrays.parsed and len(arrays.image_ids) == SHAPES.num_val
 
 
+# A builder process: load_annotations on the file, with two test-only hooks that make the race happen every time
+# instead of when the scheduler happens to allow it (both wrap the real function; the cache code runs as it is):
+# - fcntl.flock first tries the lock without blocking; a builder that finds it taken writes `blocked.<pid>` and
+#   then waits on it as load_annotations does (in "nolock" mode, the negative control, the lock is a no-op);
+# - parse_annotations, the slow step under the lock, writes `parsing.<pid>` and holds until the other builder is
+#   inside the same window too: blocked on the lock (with the lock) or parsing as well (without it).
+# The two start together (`ready.<pid>`). Each prints whether it parsed and when (time.monotonic, one clock for
+# all processes on Linux) it reached each point.
 BUILDER = """
-import json, sys, time
+import fcntl, json, os, sys, time
 from pathlib import Path
-go = Path(sys.argv[3])
-while not go.exists():
-    time.sleep(0.005)
-from msad.data.coco_cache import load_annotations
-arrays = load_annotations(sys.argv[1], sys.argv[2])
-print(json.dumps({"parsed": arrays.parsed, "boxes": int(len(arrays.boxes)), "sum": float(arrays.boxes.sum())}))
+from msad.data import coco_cache
+
+annotation_file, cache, rendezvous, mode = sys.argv[1:5]
+here, me = Path(rendezvous), str(os.getpid())
+real_flock, real_parse = fcntl.flock, coco_cache.parse_annotations
+events = {}
+
+def mark(what):
+    events[what] = time.monotonic()
+    (here / f"{what}.{me}").touch()
+
+def wait_for_other(*whats):
+    deadline = time.monotonic() + 60
+    while not any(p.name.split(".")[0] in whats and p.name.split(".")[1] != me for p in here.iterdir()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the other builder never reached {whats}")
+        time.sleep(0.002)
+
+def flock(fd, operation):
+    lock = real_flock if mode == "lock" else (lambda fd, operation: None)
+    try:
+        lock(fd, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        mark("blocked")
+        lock(fd, operation)
+    mark("locked")
+
+def parse_annotations(path):
+    mark("parsing")
+    wait_for_other("blocked", "parsing")
+    try:
+        return real_parse(path)
+    finally:
+        mark("parsed")
+
+fcntl.flock, coco_cache.parse_annotations = flock, parse_annotations
+mark("ready")
+wait_for_other("ready")
+arrays = coco_cache.load_annotations(annotation_file, cache)
+mark("done")
+print(json.dumps({"parsed": arrays.parsed, "boxes": int(len(arrays.boxes)), "sum": float(arrays.boxes.sum()),
+                  "events": events}))
 """
 
 
-def test_concurrent_builders_leave_one_valid_cache(tmp_path: Path) -> None:
-    """Two processes released at once on a file big enough (20k boxes) that their builds would overlap."""
+def _race(tmp_path: Path, mode: str) -> tuple[Path, Path, list[dict]]:
+    """Two builders of one annotation file (2,000 images, 20,000 boxes) into an empty cache, racing."""
     rng = np.random.default_rng(0)
     images = [{"id": i, "file_name": f"{i}.jpg", "height": 480, "width": 640} for i in range(1, 2001)]
     anns = [{"id": k, "image_id": int(rng.integers(1, 2001)), "category_id": int(rng.integers(1, 81)),
@@ -177,21 +220,45 @@ def test_concurrent_builders_leave_one_valid_cache(tmp_path: Path) -> None:
     annotation_file = tmp_path / "big.json"
     annotation_file.write_text(json.dumps({"images": images, "annotations": anns,
                                            "categories": [{"id": c, "name": str(c)} for c in range(1, 81)]}))
-    cache, go = tmp_path / "cache", tmp_path / "go"
-    builders = [subprocess.Popen([sys.executable, "-c", BUILDER, str(annotation_file), str(cache), str(go)],
-                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cache, rendezvous = tmp_path / "cache", tmp_path / "rendezvous"
+    rendezvous.mkdir()
+    builders = [subprocess.Popen([sys.executable, "-c", BUILDER, str(annotation_file), str(cache), str(rendezvous),
+                                  mode], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for _ in range(2)]
-    time.sleep(0.3)  # both are waiting for the start signal
-    go.touch()
     reports = []
     for builder in builders:
         out, err = builder.communicate(timeout=120)
         assert builder.returncode == 0, err
         reports.append(json.loads(out))
-    assert sorted(r["parsed"] for r in reports) == [False, True]  # one parsed, the other waited and mapped its file
-    assert reports[0]["boxes"] == reports[1]["boxes"] == 20000 and reports[0]["sum"] == reports[1]["sum"]
+    return annotation_file, cache, reports
+
+
+def test_concurrent_builders_leave_one_valid_cache(tmp_path: Path) -> None:
+    """Two processes in load_annotations at once, held so that their builds overlap (see BUILDER): one parses and
+    writes the cache while the other is blocked on the lock, then maps what the first wrote."""
+    annotation_file, cache, reports = _race(tmp_path, "lock")
+    parser, waiter = sorted(reports, key=lambda r: not r["parsed"])
+    assert (parser["parsed"], waiter["parsed"]) == (True, False)  # one parsed, the other mapped its file
+    assert "parsing" not in waiter["events"]
+    # the overlap happened: the waiter found the lock taken before the parse ended, and got it only after
+    assert waiter["events"]["blocked"] < parser["events"]["parsed"] < waiter["events"]["locked"]
+    assert parser["boxes"] == waiter["boxes"] == 20000 and parser["sum"] == waiter["sum"]
     files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 2 and files[0].startswith(".") and files[0].endswith(".lock")  # the lock file and the cache
+    assert not load_annotations(annotation_file, cache).parsed
+
+
+def test_without_the_lock_both_concurrent_builders_parse(tmp_path: Path) -> None:
+    """The negative control of the test above: the same race with the lock made a no-op (test-only hook in
+    BUILDER). Both builders find no cache, both parse the whole file at the same time (the memory and time the lock
+    exists to save: 3.4 GB and 14 s per process for COCO train), so the assertion above fails."""
+    annotation_file, cache, reports = _race(tmp_path, "nolock")
+    assert [r["parsed"] for r in reports] == [True, True]
+    assert all("blocked" not in r["events"] for r in reports)
+    starts = [r["events"]["parsing"] for r in reports]
+    ends = [r["events"]["parsed"] for r in reports]
+    assert max(starts) < min(ends)  # the two parses overlapped in time
+    assert reports[0]["sum"] == reports[1]["sum"]  # the rename keeps the cache itself whole
     assert not load_annotations(annotation_file, cache).parsed
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torchvision.ops import box_iou
 
 from msad.build import (
     build_model,
@@ -31,6 +32,7 @@ from msad.build import (
 from msad.cli import main
 from msad.config import Config, config_from_dict
 from msad.data.transforms import Batch, collate, to_low_resolution
+from msad.deploy import export as export_module
 from msad.deploy import (
     export_checkpoint,
     export_sliced_teacher,
@@ -39,7 +41,7 @@ from msad.deploy import (
     load_sliced_teacher,
     slice_model,
 )
-from msad.deploy.export import HEAD_RTOL, head_error, match_detections
+from msad.deploy.export import HEAD_RTOL, check_batch, head_error, match_detections
 from msad.deploy.latency import count_gflops, latency_table, measure
 from msad.deploy.runtime import deploy_network
 from msad.engine.checkpoint import (
@@ -119,6 +121,63 @@ def _all_equal(a: list[dict], b: list[dict]) -> bool:
     return all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in ("boxes", "scores", "labels"))
 
 
+# The comparisons below are this file's own, written with plain torch (and torchvision's box_iou), so that a test
+# that says "matches eager" is not checked by the exporter's gate (msad.deploy.export.head_error and
+# match_detections), the code under test. The tolerances are the README's (export section), written out here.
+EXPORT_RTOL = 1e-4  # head outputs: max |exported - eager| <= 1e-4 x max(1, max |eager|), per tensor
+SCORE_TOL, BOX_TOL = 1e-4, 1e-2  # detections: scores within 1e-4, box corners within 1e-2 pixels
+
+
+def _head_tensors(outputs) -> list[torch.Tensor]:
+    """The 15 head tensors (cls logits, box regression, centerness; levels finest first) of any output layout."""
+    if isinstance(outputs, HeadOutputs):
+        return [*outputs.cls_logits, *outputs.box_regression, *outputs.centerness]
+    if len(outputs) == 3:  # the network's and TorchScript's (cls, box, ctr) tuple of per-level lists
+        return [tensor for group in outputs for tensor in group]
+    return list(outputs)  # ONNX: 15 flat outputs
+
+
+def _relative_head_errors(reference: HeadOutputs, outputs) -> list[float]:
+    """Per head tensor, max |out - ref| / max(1, max |ref|): the exporter's measure, computed here."""
+    refs, outs = _head_tensors(reference), _head_tensors(outputs)
+    assert len(refs) == len(outs) == 3 * len(STRIDES)
+    errors = []
+    for ref, out in zip(refs, outs, strict=True):
+        assert out.shape == ref.shape
+        errors.append(((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1.0)).item())
+    return errors
+
+
+def _assert_heads_close(reference: HeadOutputs, outputs) -> None:
+    """torch.testing.assert_close on each head tensor with atol EXPORT_RTOL x the eager tensor's scale."""
+    for index, (ref, out) in enumerate(zip(_head_tensors(reference), _head_tensors(outputs), strict=True)):
+        atol = EXPORT_RTOL * max(1.0, ref.abs().max().item())
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0.0, atol=atol,
+                                   msg=lambda m, index=index: f"head tensor {index}: {m}")
+
+
+def _assert_same_detections(reference: list[dict], found: list[dict], scale: float = 1.0) -> int:
+    """Per image the same detections in any order: each eager detection paired with the found one of its class
+    that overlaps it most (torchvision's box_iou; within a class NMS leaves no two boxes above IoU 0.6, so the
+    pairing is unambiguous), one-to-one, scores within SCORE_TOL and corners within BOX_TOL pixels. ``scale``
+    multiplies the found boxes first (2: a student's L-pixel boxes against H pixels). Returns the count."""
+    total = 0
+    for image, (ref, got) in enumerate(zip(reference, found, strict=True)):
+        assert len(got["boxes"]) == len(ref["boxes"]), f"image {image}: {len(got['boxes'])} vs {len(ref['boxes'])}"
+        if len(ref["boxes"]) == 0:
+            continue
+        boxes = got["boxes"].float() * scale
+        overlap = box_iou(ref["boxes"].float(), boxes)
+        overlap[ref["labels"][:, None] != got["labels"][None, :]] = -1.0
+        pair = overlap.argmax(1)
+        assert torch.equal(pair.sort().values, torch.arange(len(pair))), f"image {image}: not one-to-one"
+        assert torch.equal(got["labels"][pair], ref["labels"]), f"image {image}: labels differ"
+        torch.testing.assert_close(got["scores"][pair].float(), ref["scores"].float(), rtol=0.0, atol=SCORE_TOL)
+        torch.testing.assert_close(boxes[pair], ref["boxes"].float(), rtol=0.0, atol=BOX_TOL)
+        total += len(ref["boxes"])
+    return total
+
+
 @pytest.mark.parametrize("width", WIDTHS)
 def test_sliced_student_detects_exactly_as_the_training_student(configs, val_batch: Batch, width: float) -> None:
     model = _model(configs["student"], 3, f"model.width={width}")
@@ -134,8 +193,11 @@ def test_sliced_student_detects_exactly_as_the_training_student(configs, val_bat
     assert not any(isinstance(m, nn.BatchNorm2d) for m in network.modules())
     with torch.no_grad():
         outputs = network(to_low_resolution(val_batch.images))
-    assert head_error(model.head_outputs(val_batch.images), outputs) <= HEAD_RTOL
+    eager_heads = model.head_outputs(val_batch.images)
+    _assert_heads_close(eager_heads, outputs)
+    assert head_error(eager_heads, outputs) <= HEAD_RTOL  # and the exporter's gate agrees
     found = fcos_detections(HeadOutputs(*outputs), STRIDES, val_batch.image_sizes)
+    assert _assert_same_detections(reference, found) == sum(len(d["boxes"]) for d in reference)
     assert match_detections(reference, found) == sum(len(d["boxes"]) for d in reference)
 
 
@@ -159,7 +221,8 @@ def test_pt_export_is_a_tenth_of_the_old_file_and_an_ordinary_checkpoint(checkpo
     assert _all_equal(rebuilt.predict(val_batch.images, val_batch.image_sizes), reference)
     detector = load_exported(exported)
     assert not detector.training
-    assert match_detections(reference, detector.predict(val_batch.images, val_batch.image_sizes)) > 0
+    deployed = detector.predict(val_batch.images, val_batch.image_sizes)
+    assert _assert_same_detections(reference, deployed) == match_detections(reference, deployed) > 0
 
 
 ISOLATED = textwrap.dedent("""
@@ -185,7 +248,30 @@ ISOLATED = textwrap.dedent("""
 def test_torchscript_runs_with_torch_alone_and_matches_eager(role, checkpoints, configs, val_batch, tmp_path) -> None:
     exported = tmp_path / f"{role}.ts"
     result = export_checkpoint(checkpoints[role], exported, "torchscript")
-    assert result.max_head_error <= HEAD_RTOL
+    model = build_model(configs[role], load_pretrained=False).eval()
+    model.load_state_dict(load_checkpoint(checkpoints[role])["model"])
+
+    def eager_heads(images: torch.Tensor) -> HeadOutputs:
+        with torch.no_grad():
+            return (model.head_outputs(images) if role == "student"
+                    else model.head(model.fuse_aligned_levels(images).fused))
+
+    # what the exporter reports is what it measured: the file and the eager model on its check images, recomputed
+    # here (the exporter refuses errors above its tolerance, so reading `result.max_head_error <= HEAD_RTOL` back
+    # would check nothing)
+    check_images, check_sizes = check_batch(configs[role])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        module = torch.jit.load(str(exported))
+    check_inputs = to_low_resolution(check_images) if role == "student" else check_images
+    with torch.no_grad():
+        errors = _relative_head_errors(eager_heads(check_images), module(check_inputs))
+    assert 0 < max(errors) <= EXPORT_RTOL  # BN folded: not bit-identical, but within the tolerance
+    assert result.max_head_error == pytest.approx(max(errors), rel=1e-3)
+    check_scale = 2 if role == "student" else 1
+    found = module.detect(check_inputs, torch.tensor(check_sizes) // check_scale)
+    assert result.detections == _assert_same_detections(model.predict(check_images, check_sizes), found,
+                                                         check_scale) > 0
     batch = collate([(image[:, :h, :w], {}) for image, (h, w) in zip(val_batch.images[:2], val_batch.image_sizes[:2],
                                                                       strict=True)], 256)  # two images: TorchScript's
     # interpreter runs the many small ops of NMS several times slower than Python does
@@ -197,14 +283,12 @@ def test_torchscript_runs_with_torch_alone_and_matches_eager(role, checkpoints, 
                     str(tmp_path / "out.pt")], cwd=tmp_path, check=True, timeout=120)
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     assert out["meta"]["role"] == role and out["meta"]["input"] == ("L" if role == "student" else "H")
-    model = build_model(configs[role], load_pretrained=False).eval()
-    model.load_state_dict(load_checkpoint(checkpoints[role])["model"])
-    with torch.no_grad():
-        reference = (model.head_outputs(batch.images) if role == "student"
-                     else model.head(model.fuse_aligned_levels(batch.images).fused))
+    reference = eager_heads(batch.images)
+    _assert_heads_close(reference, out["heads"])
     assert head_error(reference, out["heads"]) <= HEAD_RTOL
     expected = model.predict(batch.images, batch.image_sizes)
-    assert match_detections(expected, out["detections"], scale) == sum(len(d["boxes"]) for d in expected) > 0
+    assert _assert_same_detections(expected, out["detections"], scale) == sum(len(d["boxes"]) for d in expected) > 0
+    assert match_detections(expected, out["detections"], scale) == sum(len(d["boxes"]) for d in expected)
 
 
 def test_onnx_matches_eager_in_onnxruntime(checkpoints, configs, val_batch, tmp_path: Path) -> None:
@@ -217,10 +301,14 @@ def test_onnx_matches_eager_in_onnxruntime(checkpoints, configs, val_batch, tmp_
     outputs = [torch.from_numpy(a) for a in session.run(None, {"images": low.numpy()})]
     model = build_model(configs["student"], load_pretrained=False).eval()
     model.load_state_dict(load_checkpoint(checkpoints["student"])["model"])
-    assert head_error(model.head_outputs(val_batch.images), outputs) <= HEAD_RTOL
+    with torch.no_grad():
+        eager = model.head_outputs(val_batch.images)
+    _assert_heads_close(eager, outputs)
+    assert head_error(eager, outputs) <= HEAD_RTOL
     found = fcos_detections(HeadOutputs(outputs[:5], outputs[5:10], outputs[10:]), STRIDES, val_batch.image_sizes)
     expected = model.predict(val_batch.images, val_batch.image_sizes)
-    assert match_detections(expected, found) == sum(len(d["boxes"]) for d in expected) > 0
+    assert _assert_same_detections(expected, found) == sum(len(d["boxes"]) for d in expected) > 0
+    assert match_detections(expected, found) == sum(len(d["boxes"]) for d in expected)
 
 
 @pytest.mark.parametrize("batch_statistics", [False, True])
@@ -331,6 +419,105 @@ def test_a_model_that_fails_the_check_is_not_written(checkpoints, tmp_path: Path
     message = _one_line_error(["export", str(broken), "--output", str(out), "--format", "torchscript"], capsys)
     assert "not written" in message and "not finite" in message
     assert list(out.parent.iterdir()) == []  # no file, no temp file left behind
+
+
+# Negative controls of the export check with finite errors. The exporter compares what it wrote with the eager model
+# built from the same checkpoint, so no checkpoint can make the two differ: a wrong export has to come from the
+# export step itself. These tests reach it through a test-only hook: they monkeypatch the one function of
+# msad.deploy.export that produces what the check then reads -- `sliced_state` (the pt file's weights),
+# `deploy_detector` (the network TorchScript traces) or `load_exported` (the deployable module the pt check runs) --
+# so that one weight is off by 1e-2 or one box by half a pixel; everything else in export_checkpoint runs as it is.
+PERTURBED = "head.bbox_pred.weight"  # one element of it, +1e-2: about 1e-2 relative on the box regression
+
+
+@pytest.mark.parametrize("fmt", ["pt", "torchscript"])
+def test_export_check_refuses_a_weight_off_by_1e_2(fmt: str, checkpoints, configs, val_batch, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[nn.Module] = []  # what the hooked step produced, for this test's own comparison
+    if fmt == "pt":
+        real_state = export_module.sliced_state
+
+        def hooked(*args, **kwargs) -> dict:
+            data = real_state(*args, **kwargs)
+            data["model"][PERTURBED].view(-1)[0] += 1e-2
+            made.append(data)
+            return data
+
+        monkeypatch.setattr(export_module, "sliced_state", hooked)
+    else:
+        real_detector = export_module.deploy_detector
+
+        def hooked(model: nn.Module):
+            detector = real_detector(model)
+            with torch.no_grad():
+                detector.network.get_parameter(PERTURBED).view(-1)[0] += 1e-2  # its network has the same head
+            made.append(detector)
+            return detector
+
+        monkeypatch.setattr(export_module, "deploy_detector", hooked)
+    out = tmp_path / "out" / f"student.{fmt}"
+    out.parent.mkdir()
+    # refused by the check (which of its comparisons trips first -- detections or the head tolerance -- is the
+    # exporter's order), not by an exporter failure
+    with pytest.raises(UserError, match=rf"not written: the {fmt} export of .* does not match the training model: "):
+        export_checkpoint(checkpoints["student"], out, fmt)
+    assert list(out.parent.iterdir()) == []  # no file, no temp file
+    # this test's own comparison sees the same difference, on its own images
+    model = build_model(configs["student"], load_pretrained=False).eval()
+    model.load_state_dict(load_checkpoint(checkpoints["student"])["model"])
+    with torch.no_grad():
+        reference = model.head_outputs(val_batch.images)
+        if fmt == "pt":
+            written = build_model(checkpoint_config(made[0], out), load_pretrained=False).eval()
+            written.load_state_dict(made[0]["model"])
+            outputs = written.head_outputs(val_batch.images)
+        else:
+            outputs = made[0](to_low_resolution(val_batch.images))
+    assert max(_relative_head_errors(reference, outputs)) > 10 * EXPORT_RTOL
+    with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+        _assert_heads_close(reference, outputs)
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.5])
+def test_export_check_refuses_a_box_shifted_by_half_a_pixel(shift: float, checkpoints, configs, val_batch,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deployable module's first detection moved right by `shift` H pixels; 0.0 is the hook's own control
+    (the hook alone changes nothing: the export is written and this test's comparison passes)."""
+    real_load = export_module.load_exported
+    made: list[nn.Module] = []
+
+    def hooked(path):
+        detector = real_load(path)
+        predict = detector.predict
+
+        def shifted(*args, **kwargs) -> list[dict]:
+            found = predict(*args, **kwargs)
+            boxes = found[0]["boxes"].clone()
+            boxes[0, 0::2] += shift  # x1 and x2 of image 0's first detection
+            return [{**found[0], "boxes": boxes}, *found[1:]]
+
+        detector.predict = shifted
+        made.append(detector)
+        return detector
+
+    monkeypatch.setattr(export_module, "load_exported", hooked)
+    out = tmp_path / "student.pt"
+    if shift == 0.0:
+        assert export_checkpoint(checkpoints["student"], out, "pt").detections > 0
+    else:
+        with pytest.raises(UserError, match=r"not written: .* the training model's detection 0 .* has no match"):
+            export_checkpoint(checkpoints["student"], out, "pt")
+        assert list(tmp_path.iterdir()) == []  # no file, no temp file
+    # this test's own comparison, on its own images, with the module the check ran
+    model = build_model(configs["student"], load_pretrained=False).eval()
+    model.load_state_dict(load_checkpoint(checkpoints["student"])["model"])
+    reference = model.predict(val_batch.images, val_batch.image_sizes)
+    found = made[0].predict(val_batch.images, val_batch.image_sizes)
+    if shift == 0.0:
+        assert _assert_same_detections(reference, found) > 0
+    else:  # corners half a pixel off (or, for a box narrower than that, no longer its partner's best overlap)
+        with pytest.raises(AssertionError, match="Mismatched elements: 2 / |not one-to-one"):
+            _assert_same_detections(reference, found)
 
 
 def test_latency_counts_the_flops_the_capacity_report_counts() -> None:

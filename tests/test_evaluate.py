@@ -133,8 +133,11 @@ def test_results_round_trip_to_perfect_ap(coco_gt: COCO) -> None:
 
 
 def test_validation_loss_is_the_detection_loss_on_the_val_images(tmp_path: Path, shapes_cache: Path) -> None:
-    """train.eval_loss: with every validation image in one batch (one padded size), val_loss is the model's loss on
-    that batch in eval mode, by hand; a student's excludes distillation, so it does not depend on the KD weight."""
+    """train.eval_loss: over 5 validation images in batches of 2 (2, 2 and 1 images), val_loss is the model's loss
+    on each batch in eval mode, averaged with weights 2, 2 and 1 -- here by hand, from batches this test collates
+    itself. A plain mean of the three batch losses differs from that by more than 100x the tolerance (and a mean
+    of per-image losses, each image alone, by more than 10x), so averaging by batch instead of by image fails. A
+    student's excludes distillation, so it does not depend on the KD weight."""
     from conftest import make_tiny_config
 
     from msad.build import build_model, build_val_dataset, resolve_data_paths
@@ -145,22 +148,40 @@ def test_validation_loss_is_the_detection_loss_on_the_val_images(tmp_path: Path,
     from msad.models.student import KDWarmup
     from msad.models.trainable import loss_terms
 
-    cfg = make_tiny_config(tmp_path, shapes_cache, "fcos", "val-loss", "train.batch_per_worker=6",
-                           "train.eval_loss=true", "train.bootstrap_samples=0")
+    several = ("train.batch_per_worker=2", "data.shapes.num_val=5", "train.eval_loss=true", "train.bootstrap_samples=0")
+    cfg = make_tiny_config(tmp_path, shapes_cache, "fcos", "val-loss", *several)
     val_set = build_val_dataset(cfg, resolve_data_paths(cfg.data))
     torch.manual_seed(0)
     model = build_model(cfg, load_pretrained=False)
     ctx = LocalContext(torch.device("cpu"))
     metrics = evaluate(model, val_set, cfg, ctx, with_loss=True)
-    batch = collate([val_set[i] for i in range(len(val_set))], cfg.data.size_divisibility)
-    assert batch.images.shape[0] == 6
+
+    samples = [val_set[i] for i in range(len(val_set))]
+    assert len(samples) == 5
+    # every image pads to the same size (256 x 256), so evaluation batches them in index order, 2 at a time
+    assert {collate([sample], cfg.data.size_divisibility).images.shape for sample in samples} == {(1, 3, 256, 256)}
+    model.eval()
+    batch_losses, batch_sizes, image_losses = [], [], []
     with torch.no_grad():
-        expected = float(sum(loss_terms(model.eval()(batch.images, batch.targets)).values()))
-    assert metrics["val_loss"] == pytest.approx(expected, rel=1e-5)
+        for start in range(0, len(samples), 2):
+            batch = collate(samples[start:start + 2], cfg.data.size_divisibility)
+            batch_losses.append(sum(v.item() for v in loss_terms(model(batch.images, batch.targets)).values()))
+            batch_sizes.append(batch.images.shape[0])
+        for sample in samples:
+            alone = collate([sample], cfg.data.size_divisibility)
+            image_losses.append(sum(v.item() for v in loss_terms(model(alone.images, alone.targets)).values()))
+    assert batch_sizes == [2, 2, 1]
+    by_image = sum(n * loss for n, loss in zip(batch_sizes, batch_losses, strict=True)) / sum(batch_sizes)
+    assert metrics["val_loss"] == pytest.approx(by_image, rel=1e-5)
+    # the negative controls: averages val_loss must not be, each far outside rel=1e-5 of the right one
+    by_batch = sum(batch_losses) / len(batch_losses)
+    per_image = sum(image_losses) / len(image_losses)
+    assert abs(by_batch / by_image - 1) > 1e-3 and abs(per_image / by_image - 1) > 1e-4
+    assert metrics["val_loss"] != pytest.approx(by_batch, rel=1e-5)
     assert "val_loss" not in evaluate(model, val_set, cfg, ctx)  # only when asked
 
-    student_cfg = make_tiny_config(tmp_path, shapes_cache, "student", "val-loss-s", "train.batch_per_worker=6",
-                                   "train.eval_loss=true", "train.bootstrap_samples=0", "train.teacher_checkpoint=t")
+    student_cfg = make_tiny_config(tmp_path, shapes_cache, "student", "val-loss-s", *several,
+                                   "train.teacher_checkpoint=t")
     teacher_cfg = make_tiny_config(tmp_path, shapes_cache, "teacher", "val-loss-t")
     student, teacher = build_model(student_cfg, load_pretrained=False), build_model(teacher_cfg).eval()
     losses = [evaluate(Distiller(student, teacher, KDWarmup(alpha, 0)), val_set, student_cfg, ctx,
