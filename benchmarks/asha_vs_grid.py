@@ -40,9 +40,9 @@ from ray.tune.schedulers import TrialScheduler
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from msad.sweep.report import read_trial_summaries  # noqa: E402
 from msad.sweep.runner import make_scheduler  # noqa: E402
 from msad.sweep.spec import load_sweep  # noqa: E402
+from msad.sweep.trials import read_trial_summaries  # noqa: E402
 
 
 def apply_settings(spec: dict[str, Any], settings: list[str]) -> None:

@@ -28,7 +28,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from msad.sweep.report import TrialSummary, read_trial_summaries  # noqa: E402
+from msad.sweep.trials import TrialSummary, read_trial_summaries  # noqa: E402
 
 WIDTHS = (0.25, 0.5)
 

@@ -38,10 +38,10 @@ from typing import Any
 import torch
 
 from msad.build import DataPaths, build_model, build_val_dataset, resolve_data_paths
+from msad.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from msad.config import Config, load_config
 from msad.data.coco import CocoDetection
 from msad.engine.bootstrap import Replicates, seed_averaged_difference
-from msad.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from msad.engine.evaluate import coco_evaluate
 from msad.engine.loop import BOOTSTRAP_FILE, RESULTS_FILE, evaluate, run_training
 from msad.engine.trainer import LocalContext

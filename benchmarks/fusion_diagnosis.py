@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from msad.build import build_model, build_val_dataset, resolve_data_paths
+from msad.checkpoint import checkpoint_config, load_checkpoint
 from msad.data.transforms import collate
-from msad.engine.checkpoint import checkpoint_config, load_checkpoint
 from msad.models.detector import HIGH_LEVELS
 from msad.models.teacher import MSADTeacher
 

@@ -327,7 +327,7 @@ def check_syncbn(plan: Plan) -> tuple[dict[str, Any], str]:
     import torch.distributed as dist
 
     from msad.build import build_teacher
-    from msad.engine.checkpoint import checkpoint_config, load_checkpoint
+    from msad.checkpoint import checkpoint_config, load_checkpoint
     from msad.models.trainable import loss_terms
 
     path = plan.teacher_checkpoint or ""

@@ -35,9 +35,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from msad.build import build_optimizer, build_train_dataset, build_trainable, resolve_data_paths
+from msad.checkpoint import CHECKPOINT_FILE
 from msad.config import Config, config_from_dict, deep_merge, load_config, parse_overrides
 from msad.data.transforms import Batch, collate
-from msad.engine.checkpoint import CHECKPOINT_FILE
 from msad.engine.loop import run_training, train_step
 from msad.engine.trainer import LocalContext
 from msad.models.distiller import Distiller

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from msad.deploy.latency import MODELS, RESOLUTION, build_model, count_gflops, input_size, median_seconds
+from msad.deploy.latency import MODELS, RESOLUTION, count_gflops, input_size, median_seconds, random_training_model
 from msad.models.slimmable import WIDTHS
 
 RUNTIMES = ("eager", "deployed", "torchscript", "onnxruntime")
@@ -93,7 +93,7 @@ def _load_runtime(spec: dict[str, Any], device: torch.device, dtype: torch.dtype
 
     runtime, model_name, width = spec["runtime"], spec["model"], spec["width"]
     if runtime == "eager":
-        model = build_model(model_name, width, spec["fpn_channels"], spec["num_classes"])
+        model = random_training_model(model_name, width, spec["fpn_channels"], spec["num_classes"])
         model.load_state_dict(torch.load(spec["files"]["eager"], map_location="cpu", weights_only=True))
         model = model.to(device=device, dtype=dtype)
         return training_forward(model)
@@ -172,7 +172,7 @@ def prepare_files(model_name: str, width: float, args: argparse.Namespace, folde
     from msad.deploy.runtime import deploy_detector
     from msad.deploy.slicing import slice_model
 
-    model = build_model(model_name, width, args.fpn_channels, args.num_classes)
+    model = random_training_model(model_name, width, args.fpn_channels, args.num_classes)
     stem = folder / f"{model_name}-w{width:g}"
     files = {"eager": f"{stem}-training.pt", "deployed": f"{stem}-sliced.pt"}
     torch.save(model.state_dict(), files["eager"])
@@ -192,7 +192,8 @@ def network_gflops(model_name: str, width: float, size: tuple[int, int], args: a
     """GFLOPs of the deployed network at batch 1 (shapes only, on the meta device)."""
     from msad.deploy.runtime import deploy_network
 
-    network = copy.deepcopy(deploy_network(build_model(model_name, width, args.fpn_channels, args.num_classes)))
+    model = random_training_model(model_name, width, args.fpn_channels, args.num_classes)
+    network = copy.deepcopy(deploy_network(model))
     network = network.to("meta")
     return count_gflops(network, torch.empty(1, 3, *size, device="meta"))
 

@@ -32,9 +32,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from msad.build import build_model, build_optimizer, build_train_dataset, build_val_dataset, resolve_data_paths
+from msad.checkpoint import checkpoint_config, load_checkpoint
 from msad.config import Config, load_config
 from msad.data.transforms import Collate, collate
-from msad.engine.checkpoint import checkpoint_config, load_checkpoint
 from msad.engine.loop import evaluate, train_step
 from msad.engine.trainer import LocalContext, fit
 

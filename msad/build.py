@@ -1,6 +1,8 @@
-"""Config -> the objects a run needs: datasets, model, optimizer, learning-rate schedule.
+"""Config or checkpoint -> the objects a run needs: datasets, model, optimizer, learning-rate schedule.
 
-The one place where config keys meet constructors, so the loop and the CLI never parse config fields themselves.
+The one place where config keys meet constructors, so the loop and the CLI never parse config fields themselves,
+and the one reader of every checkpoint kind (`msad.checkpoint`): training, standalone and sliced files become
+models here, always strictly filled (`msad.models.state.load_state_strictly`).
 """
 
 from __future__ import annotations
@@ -10,18 +12,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from msad.checkpoint import ROLES, SLICED_KIND, checkpoint_config, load_checkpoint
 from msad.config import Config, DataConfig, ModelConfig
 from msad.data.coco import CocoDetection
 from msad.data.coco_cache import default_cache_dir
 from msad.data.paths import DataPaths
 from msad.data.shapes import ShapesSpec, ensure_shapes_dataset
 from msad.data.transforms import eval_transform, train_transform
-from msad.engine.checkpoint import checkpoint_config, load_checkpoint
 from msad.errors import UserError
 from msad.models.detector import FCOSDetector
 from msad.models.distiller import Distiller
-from msad.models.slimmable import load_slimmable_imagenet, load_torchvision_resnet50
-from msad.models.student import KDWarmup, MSADStudent
+from msad.models.slimmable import SlicedResNet50, load_slimmable_imagenet, load_torchvision_resnet50
+from msad.models.state import load_state_strictly
+from msad.models.student import KDWarmup, MSADStudent, init_student_from_teacher
 from msad.models.teacher import MSADTeacher
 from msad.models.trainable import Trainable
 
@@ -113,10 +116,55 @@ def build_trainable(cfg: Config, device: torch.device) -> Trainable:
     teacher = load_frozen_teacher(cfg, device)
     distiller = Distiller(model, teacher, KDWarmup(t.kd_alpha, t.kd_warmup_iters), t.teacher_batch_stats)
     if t.init_from_teacher:
-        from msad.deploy.teacher import init_student_from_teacher
-
         init_student_from_teacher(model, teacher)  # a training teacher or a sliced one
     return distiller
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint -> model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def model_from_checkpoint(state: dict, path: str | Path, roles: tuple[str, ...] = ROLES,
+                          cfg: Config | None = None) -> tuple[Trainable, Config]:
+    """The eval-mode model of a loaded checkpoint dict (`msad.checkpoint.load_checkpoint`), strictly filled, and
+    the config it was built from.
+
+    Args:
+        state: the checkpoint's dict (any kind; a sliced one gives the single-width model of its config).
+        path: where it was read from, for messages.
+        roles: the roles accepted here.
+        cfg: build with this config instead of the checkpoint's own (evaluation's: the checkpoint's model and
+            training settings with the caller's data); its `train.role` must be the checkpoint's.
+    """
+    cfg = cfg if cfg is not None else checkpoint_config(state, path)
+    role = state["role"]
+    if role not in roles:
+        raise UserError(f"{path}: role {role!r} cannot be used here; allowed: {', '.join(roles)}")
+    if role != cfg.train.role:
+        raise UserError(f"{path}: role {role!r} differs from its config's train.role {cfg.train.role!r}")
+    model = build_model(cfg, load_pretrained=False)  # every weight comes from the checkpoint
+    if not isinstance(state["model"], dict):
+        raise UserError(f"{path}: field 'model' is a {type(state['model']).__name__}, expected a state dict")
+    load_state_strictly(model, state["model"], str(path))
+    return model.eval(), cfg
+
+
+def sliced_teacher_from_checkpoint(state: dict, path: str | Path) -> MSADTeacher:
+    """The frozen teacher of a loaded sliced-teacher file: its backbone holds one width and names the widths it
+    was cut from (`SlicedResNet50`), so a student built for the training widths accepts it."""
+    if state.get("kind") != SLICED_KIND or state.get("role") != "teacher":
+        raise UserError(f"{path}: not a sliced teacher (kind {state.get('kind')!r}, role {state.get('role')!r}); "
+                        "write one with msad.deploy.export_sliced_teacher(CHECKPOINT)")
+    cfg = checkpoint_config(state, path)
+    source = state.get("source_width_list")
+    if not isinstance(source, list) or not source:
+        raise UserError(f"{path}: field 'source_width_list' is {source!r}, expected the training widths")
+    teacher = build_teacher(cfg)
+    teacher.backbone = SlicedResNet50(cfg.model.width, source)
+    load_state_strictly(teacher, state["model"], str(path))
+    teacher.requires_grad_(False)
+    return teacher.eval()
 
 
 def load_frozen_teacher(cfg: Config, device: torch.device) -> MSADTeacher:
@@ -124,14 +172,37 @@ def load_frozen_teacher(cfg: Config, device: torch.device) -> MSADTeacher:
     a sliced, weights-only teacher (`msad.deploy.export_sliced_teacher`)."""
     path = cfg.train.teacher_checkpoint or ""
     state = load_checkpoint(path)
-    if state.get("kind") == "sliced":
-        from msad.deploy.teacher import teacher_from_sliced_state
-
-        return teacher_from_sliced_state(state, path).to(device)
-    teacher = build_teacher(checkpoint_config(state, path))
-    teacher.load_state_dict(state["model"])
+    if state.get("kind") == SLICED_KIND:
+        return sliced_teacher_from_checkpoint(state, path).to(device)
+    teacher, _ = model_from_checkpoint(state, path, roles=("teacher",))
     teacher.requires_grad_(False)
-    return teacher.eval().to(device)
+    return teacher.to(device)
+
+
+def check_teacher_for_student(cfg: Config) -> Config:
+    """Fail before any worker starts if a student's teacher file is missing, not a teacher, or of another shape.
+
+    Returns the teacher's own config (needed to rebuild it).
+    """
+    path = cfg.train.teacher_checkpoint or ""
+    if not path:
+        raise UserError("train.teacher_checkpoint: a student needs its trained teacher's checkpoint (got null)")
+    state = load_checkpoint(path)
+    teacher_cfg = checkpoint_config(state, path)
+    if state["role"] != "teacher":
+        raise UserError(f"{path}: train.teacher_checkpoint must be a teacher checkpoint, this one is a "
+                        f"{state['role']!r} checkpoint")
+    if teacher_cfg.model.width != cfg.model.width:
+        raise UserError(f"{path}: teacher width {teacher_cfg.model.width} differs from model.width "
+                        f"{cfg.model.width}; MSAD distils between equal widths (no projector)")
+    for key in ("width_list", "fpn_channels", "head_convs", "gn_groups", "num_classes"):
+        # a sliced teacher holds one width; the widths it was cut from are what the student must share
+        theirs = state.get("source_width_list", teacher_cfg.model.width_list) if key == "width_list" else getattr(
+            teacher_cfg.model, key)
+        if theirs != getattr(cfg.model, key):
+            raise UserError(f"{path}: teacher model.{key}={theirs} differs from the student's "
+                            f"model.{key}={getattr(cfg.model, key)}")
+    return teacher_cfg
 
 
 def build_teacher(cfg: Config) -> MSADTeacher:

@@ -214,7 +214,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     cfg = load_config(_existing_file(args.config, "config file"), args.overrides)
     original = _existing_file(args.original, "original checkpoint")
-    from msad.engine.checkpoint import import_original_checkpoint
+    from msad.deploy.original import import_original_checkpoint
 
     print(f"wrote {import_original_checkpoint(original, cfg, Path(args.output))}")
     return 0
@@ -255,9 +255,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from msad.engine import storage
+    from msad import storage
     from msad.sweep.experiment_files import ExperimentFiles
-    from msad.sweep.report import REPORT_CSV, REPORT_MD, REPORT_PLOT, RESULTS_DIR, write_report
+    from msad.sweep.report import REPORT_CSV, REPORT_MD, REPORT_PLOT, write_report
+    from msad.sweep.trials import RESULTS_DIR
 
     files = ExperimentFiles(args.experiment_dir)
     try:

@@ -170,6 +170,9 @@ class DistributedConfig:
     storage_path: str = path_field("./runs")  # run directories (local path, NFS, or s3://bucket/prefix)
     run_name: str = "msad"  # run directory name; re-running the same name resumes it
     max_failures: int = 1  # worker-group restarts from the last checkpoint
+    # how long a run's workers may wait for their resources (a busy cluster, a node the autoscaler adds, a lost
+    # node's replacement) before the run fails in one line naming what it asked; each start of the workers waits
+    worker_start_timeout_s: float = 600.0
 
 
 @dataclass
@@ -508,6 +511,8 @@ def validate(cfg: Config) -> Config:
     _check(dist.cpus_per_worker > 0, "distributed.cpus_per_worker", dist.cpus_per_worker, "a number > 0")
     _check(dist.gpus_per_worker > 0, "distributed.gpus_per_worker", dist.gpus_per_worker, "a number > 0")
     _check(dist.max_failures >= -1, "distributed.max_failures", dist.max_failures, "an integer >= -1 (-1 = forever)")
+    _check(dist.worker_start_timeout_s >= 3, "distributed.worker_start_timeout_s", dist.worker_start_timeout_s,
+           "a number of seconds >= 3")
     _check(bool(dist.run_name) and "/" not in dist.run_name, "distributed.run_name", dist.run_name,
            "a non-empty name without '/'")
     return cfg

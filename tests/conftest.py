@@ -59,12 +59,14 @@ def ray_session() -> Iterator[None]:
     """A real local Ray shared by every test that needs one (start-up costs seconds; pay it once)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    from msad.engine.trainer import API_SERVER_ENV_VAR, start_local_ray
+
+    start_local_ray(num_cpus=4, log_to_driver=False, configure_logging=False)
     try:
         yield
     finally:
         ray.shutdown()
+        os.environ.pop(API_SERVER_ENV_VAR, None)
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +129,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_bucket() -> Iterator[str]:
     """A bucket on a moto S3 server bound to 127.0.0.1 (a real S3-speaking server); yields a storage URI in it."""
-    from msad.engine import storage
+    from msad import storage
 
     port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],

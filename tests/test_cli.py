@@ -108,7 +108,7 @@ def test_eval_never_reads_model_pretrained(teacher_run, tmp_path: Path, shapes_c
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """A teacher trained from ImageNet weights keeps their path in its config; `eval` on a machine without that
     file must still work (every weight is in the checkpoint). Before, it rebuilt the model with the file and failed."""
-    from msad.engine.checkpoint import load_checkpoint, save_checkpoint
+    from msad.checkpoint import load_checkpoint, save_checkpoint
 
     cfg, result = teacher_run
     state = load_checkpoint(result.checkpoint)

@@ -6,7 +6,7 @@ teacher's checkpoint from S3 (digest checked) and writes its own there.
 
 from __future__ import annotations
 
-from msad.engine import storage
+from msad import storage
 
 
 def test_storage_round_trip_on_s3(s3_bucket: str) -> None:

@@ -16,7 +16,8 @@ import pytest
 from msad.config import config_from_dict
 from msad.engine.bootstrap import Replicates
 from msad.sweep.compare import comparisons
-from msad.sweep.report import TrialSummary, write_report, write_trial_summary
+from msad.sweep.report import write_report
+from msad.sweep.trials import TrialSummary, write_trial_summary
 
 SAMPLES = 300
 BASE = np.random.default_rng(0).normal(0.30, 0.03, SAMPLES)  # image noise every model shares
@@ -123,7 +124,8 @@ def test_the_fidelity_runs_kd_gain_is_not_called_real_from_three_seeds_that_disa
     zero, and the table shows the three values it rests on. Negative control: the same three seeds' replicates
     through the old method still come out real, and three seeds that agree (+0.7 each) are real with the new one."""
     from msad.engine.bootstrap import seed_averaged_difference
-    from msad.sweep.compare import TABLE_COLUMNS, comparisons_markdown, table_rows
+    from msad.sweep.compare import TABLE_COLUMNS, table_rows
+    from msad.sweep.report import comparisons_markdown
 
     rows = kd_over_seeds((0.008, 0.001, 0.011))
     (kd,) = comparisons(rows)
@@ -171,7 +173,7 @@ def test_report_prints_intervals_comparisons_and_the_seed_table(tmp_path: Path) 
 def test_rows_written_before_intervals_existed_still_read(tmp_path: Path) -> None:
     import json
 
-    from msad.sweep.report import INTERVAL_KEYS, REPLICATE_KEYS, read_trial_summaries
+    from msad.sweep.trials import INTERVAL_KEYS, REPLICATE_KEYS, read_trial_summaries
 
     data = json.loads(one_seed_sweep()[1].to_json())
     for key in (*INTERVAL_KEYS, *REPLICATE_KEYS, "seed", "replicate_of"):

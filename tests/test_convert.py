@@ -159,8 +159,8 @@ def test_numpy_checkpoint_gets_a_clear_message(tmp_path: Path) -> None:
 def test_launch_convert_then_eval_runs_the_original_student_alone(tmp_path: Path, shapes_cache: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """The user path for the original's released models: `launch.py convert`, then `launch.py eval`."""
+    from msad.checkpoint import load_checkpoint
     from msad.cli import main
-    from msad.engine.checkpoint import load_checkpoint
 
     shapes = {**TINY, "num_classes": 6}  # the built-in dataset's classes, so eval can score it
     teacher, student = MSADTeacher(**shapes).eval(), MSADStudent(**shapes).eval()
@@ -188,8 +188,8 @@ def test_convert_of_a_teacher_never_reads_model_pretrained(trained_pair: tuple[M
                                                           tmp_path: Path) -> None:
     """Every weight comes from the original file: a configured ImageNet file that is not on this machine is not
     needed (before, `convert` built the model with it and failed)."""
+    from msad.checkpoint import load_checkpoint
     from msad.cli import main
-    from msad.engine.checkpoint import load_checkpoint
 
     original = tmp_path / "MSAD-teacher.pth"
     torch.save({"model": _to_original(trained_pair[0].state_dict(), "T")}, original)

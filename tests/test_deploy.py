@@ -29,6 +29,7 @@ from msad.build import (
     load_frozen_teacher,
     resolve_data_paths,
 )
+from msad.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from msad.cli import main
 from msad.config import Config, config_from_dict
 from msad.data.transforms import Batch, collate, to_low_resolution
@@ -36,24 +37,22 @@ from msad.deploy import export as export_module
 from msad.deploy import (
     export_checkpoint,
     export_sliced_teacher,
-    init_student_from_teacher,
     load_exported,
     load_sliced_teacher,
     slice_model,
 )
-from msad.deploy.export import HEAD_RTOL, check_batch, head_error, match_detections
+from msad.deploy.export import HEAD_RTOL, check_batch, export_standalone_student, head_error, match_detections
 from msad.deploy.latency import count_gflops, latency_table, measure
 from msad.deploy.runtime import deploy_network
-from msad.engine.checkpoint import (
-    checkpoint_config,
-    export_standalone_student,
-    load_checkpoint,
-    save_checkpoint,
-)
 from msad.errors import UserError
 from msad.models.fcos import STRIDES, HeadOutputs, fcos_detections
 from msad.models.slimmable import WIDTHS
-from msad.models.student import check_teacher_matches, init_from_teacher, run_frozen_teacher
+from msad.models.student import (
+    check_teacher_matches,
+    init_from_teacher,
+    init_student_from_teacher,
+    run_frozen_teacher,
+)
 
 TINY = ("model.head_convs=2",)
 
@@ -521,13 +520,12 @@ def test_export_check_refuses_a_box_shifted_by_half_a_pixel(shift: float, checkp
 
 
 def test_latency_counts_the_flops_the_capacity_report_counts() -> None:
-    from msad.deploy.latency import build_model as build_bench_model
-    from msad.deploy.latency import input_size
-    from msad.sweep.report import detector_gflops
+    from msad.deploy.latency import input_size, random_training_model
+    from msad.models.capacity import detector_gflops
 
     for role in ("student", "fcos"):  # the deployed teacher runs its head once, not thrice as in training
         with torch.device("meta"):  # shapes only: folding BN is arithmetic on meta tensors
-            network = deploy_network(build_bench_model(role, 0.25))
+            network = deploy_network(random_training_model(role, 0.25))
         example = torch.empty(1, 3, *input_size(role, "cpu"), device="meta")
         assert count_gflops(network, example) == pytest.approx(detector_gflops(0.25, role, (256, 384)), rel=1e-9)
     row = measure("student", 0.25, "cpu", repeats=1, warmup=0, fpn_channels=32, num_classes=6)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from msad.engine.checkpoint import CorruptCheckpointError
+from msad.checkpoint import CorruptCheckpointError
 from msad.errors import UserError
 from msad.files import read_tensor_file, write_atomically
 

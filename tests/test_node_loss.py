@@ -18,15 +18,12 @@ the runtime-env agent's log) holds the key.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -36,53 +33,17 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from conftest import descendants, free_port, tiny_sweep
+from conftest import free_port, tiny_sweep
+from ray_nodes import RayNode, ray_list, wait_for_dashboard
 
-from msad.engine import storage
-from msad.engine.checkpoint import load_checkpoint
-from msad.sweep.report import read_trial_summaries
+from msad import storage
+from msad.checkpoint import load_checkpoint
+from msad.sweep.trials import read_trial_summaries
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TEACHER_ITERATIONS = 16
 CANARY = "msadcanary" + "0123456789abcdef0123456789ab"  # 40 characters, like a real key
-
-
-class RayNode:
-    """One `ray start --block` node with its own temp dir and working directory; `kill` is a machine loss."""
-
-    def __init__(self, tmp: Path, name: str, env: dict[str, str], args: list[str]) -> None:
-        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"r{name}", dir="/tmp"))  # short: Ray's socket paths
-        workdir = tmp / name
-        workdir.mkdir()
-        ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                        "metrics-export-port", "runtime-env-agent-port")]
-        self.log = (tmp / f"{name}.log").open("w")
-        self.proc = subprocess.Popen([str(BIN / "ray"), "start", *args, *ports, "--temp-dir", str(self.temp_dir),
-                                      "--disable-usage-stats", "--block"],
-                                     cwd=workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def kill(self) -> None:
-        for pid in [*descendants(self.proc.pid), self.proc.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self.log.close()
-
-
-def wait_for_dashboard(port: int, head: RayNode, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2)
-            return
-        except urllib.error.HTTPError:  # answering (e.g. 401: the token is required)
-            return
-        except OSError:
-            assert head.proc.poll() is None, "the head node did not start"
-            assert time.monotonic() < deadline, f"the dashboard did not answer on {port} in {timeout} s"
-            time.sleep(0.5)
 
 
 def wandb_steps(run_dir: Path) -> list[int]:
@@ -103,6 +64,8 @@ class ClusterRun:
     searched: list[Path]  # what the canary search covers besides the copy
     output: str  # the job's output (ray job submit streams it)
     report_output: str
+    registered: int  # the teacher's last checkpoint that Ray Train had registered when its node was killed
+    head: str  # the head's node id
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +115,11 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path, s3
             assert time.monotonic() < deadline, "the teacher saved no checkpoint 4 in 300 s"
             time.sleep(0.5)
         nodes[1].kill()  # the machine the teacher trains on disappears
+        time.sleep(2)  # what the controller (on the head) got before the kill is registered by now
+        snapshot = json.loads(storage.read_bytes(storage.join(location, "runs", "teacher-w0.25-h128",
+                                                              "checkpoint_manager_snapshot.json")))
+        registered = int(snapshot["latest_checkpoint_result"]["checkpoint_dir_name"].rsplit("_", 1)[1])
+        (head,) = [n["node_id"] for n in ray_list("nodes", dashboard, base_env) if n["is_head_node"]]
         nodes.append(RayNode(tmp, "replacement", base_env, join))
         output, _ = job.communicate(timeout=600)
         assert job.returncode == 0, output[-4000:]
@@ -162,7 +130,7 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path, s3
         fs, path = storage.filesystem(location)
         pafs.copy_files(path, str(copy), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         yield ClusterRun(location, copy, [wandb_home, *(n.temp_dir for n in nodes), tmp / "head"], output,
-                         report.stdout + report.stderr)
+                         report.stdout + report.stderr, registered, head)
     finally:
         for node in reversed(nodes):
             if node.proc.poll() is None:
@@ -186,13 +154,20 @@ def test_teacher_resumes_on_a_replacement_node_and_its_student_trains(cluster_ru
     assert student_state["config"]["train"]["teacher_checkpoint"] == student.teacher_checkpoint
     state = load_checkpoint(teacher.checkpoint)
     assert state["iteration"] == TEACHER_ITERATIONS
-    # restarted from a registered checkpoint (the one being written at the kill may not be), not from iteration 0
-    assert state["resumed_from"] and state["resumed_from"][0] >= 2
-    # where rank 0 trained, report by report: the first worker node, then the replacement (never the head)
-    results = (cluster_run.copy / "teacher-w0.25-h128" / "result.json").read_text().splitlines()
-    nodes = [json.loads(line)["node_id"] for line in results if "node_id" in json.loads(line)]
+    # restarted from the last checkpoint Ray Train had registered before the kill (read from its own snapshot; one
+    # in S3 may not be registered yet: measured, checkpoint 4 in S3 while 2 was the last registered), not from 0
+    assert cluster_run.registered >= 2 and state["resumed_from"] == [cluster_run.registered], \
+        (cluster_run.registered, state["resumed_from"])
+    # where rank 0 trained, report by report: the first worker node, then the replacement, never the head; the
+    # replacement's first report is the iteration after that checkpoint
+    results = [json.loads(line) for line in
+               (cluster_run.copy / "teacher-w0.25-h128" / "result.json").read_text().splitlines()]
+    reports = [(r["node_id"], r["iteration"]) for r in results if "node_id" in r]
+    nodes = [node for node, _ in reports]
     first, last = nodes[0], nodes[-1]
     assert first != last and nodes == [first] * nodes.index(last) + [last] * (len(nodes) - nodes.index(last))
+    assert cluster_run.head not in nodes
+    assert reports[nodes.index(last)][1] == cluster_run.registered + 1
 
 
 def test_report_lives_with_the_experiment_and_report_reads_it_from_s3(cluster_run: ClusterRun) -> None:

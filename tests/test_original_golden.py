@@ -32,9 +32,10 @@ import pytest
 import torch
 
 from msad.build import build_model
+from msad.checkpoint import load_checkpoint
 from msad.config import config_from_dict, load_config
 from msad.data.transforms import IMAGENET_MEAN, IMAGENET_STD, collate, normalise
-from msad.engine.checkpoint import import_original_checkpoint, load_checkpoint
+from msad.deploy.original import import_original_checkpoint
 from msad.models.state import load_state_strictly
 from msad.models.teacher import HIGH_LEVELS, LOW_LEVELS
 from msad.models.trainable import loss_terms

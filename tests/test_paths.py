@@ -105,8 +105,8 @@ def test_sweep_in_another_folder_trains_from_paths_relative_to_itself(ray_sessio
     """A students-only sweep whose data (COCO-format files) and teacher are named relative to the sweep file, run
     from an unrelated working directory: the trial (its own working directory, in a Ray actor) trains from them."""
     from msad.build import resolve_data_paths
-    from msad.sweep.report import read_trial_summaries
     from msad.sweep.runner import run_sweep
+    from msad.sweep.trials import read_trial_summaries
 
     teacher_cfg, teacher = teacher_run
     study = tmp_path / "study"

@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO, make_tiny_config
 
 from msad.build import resolve_data_paths
-from msad.engine.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
+from msad.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 from msad.engine.compilation import AUTO_MIN_ITERATIONS, choose_compile
 from msad.engine.loop import run_training
 from msad.engine.precision import DeviceFacts, choose_amp, cpu_has_native_bf16, device_facts, gpu_facts

@@ -11,19 +11,9 @@ import pytest
 
 from msad.config import config_from_dict
 from msad.errors import UserError
-from msad.models.capacity import capacity_rows, detector_flops
-from msad.sweep.report import (
-    CSV_EXTRA,
-    TABLE_COLUMNS,
-    TrialSummary,
-    capacity_for,
-    pareto_front,
-    read_trial_summaries,
-    run_image_sizes,
-    schedule_name,
-    write_report,
-    write_trial_summary,
-)
+from msad.models.capacity import capacity_for, capacity_rows, detector_flops, run_image_sizes
+from msad.sweep.report import CSV_EXTRA, TABLE_COLUMNS, pareto_front, write_report
+from msad.sweep.trials import TrialSummary, read_trial_summaries, schedule_name, write_trial_summary
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import terminal_to_file, tiny_sweep
 
-from msad.engine.checkpoint import load_checkpoint
-from msad.sweep.report import read_trial_summaries
+from msad.checkpoint import load_checkpoint
 from msad.sweep.runner import run_sweep
+from msad.sweep.trials import read_trial_summaries
 
 REPO = Path(__file__).resolve().parents[1]
 CANARY = "msadcanary" + "fedcba9876543210fedcba98"  # W&B-key-like, searched for in every file a sweep writes

@@ -15,8 +15,8 @@ import pytest
 from msad.config import Config, TrackingConfig
 from msad.errors import UserError
 from msad.sweep.experiment_files import ExperimentFiles
-from msad.sweep.report import REPLICATE_KEYS, TrialSummary
 from msad.sweep.tracking import make_wandb_callback, scrub_secrets, sync_command, wandb_mode
+from msad.sweep.trials import REPLICATE_KEYS, TrialSummary
 
 FAKE_KEY = "fakewandbkey0123456789abcdef0123456789abcd"  # 40 characters, like a real key
 PLANTED_SECRET = "s3-secret-value-do-not-log"
@@ -233,8 +233,9 @@ def test_run_config_drops_credential_keys(tmp_path: Path) -> None:
 
 def test_the_sweep_report_is_one_wandb_run_with_tables_and_the_plot(tmp_path: Path) -> None:
     """`log_report_run` after `write_report`: read back with wandb's reader, the logged table files and image."""
-    from msad.sweep.report import write_report, write_trial_summary
+    from msad.sweep.report import write_report
     from msad.sweep.tracking import log_report_run
+    from msad.sweep.trials import write_trial_summary
     from tests.test_compare import one_seed_sweep
 
     for summary in one_seed_sweep():

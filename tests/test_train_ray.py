@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import FAULT_DIR
 
-from msad.engine.checkpoint import load_checkpoint, save_checkpoint
+from msad.checkpoint import load_checkpoint, save_checkpoint
 from msad.engine.trainer import fit, prepare_run
 from msad.errors import RunFailedError, UserError
 
@@ -125,3 +125,46 @@ def test_non_finite_loss_stops_with_iteration_and_term(tiny_config, tmp_path: Pa
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at iteration \d+: loss_\w+=(nan|inf)"):
         run_training(cfg, resolve_data_paths(cfg.data), ctx)
     assert not list((tmp_path / "nan").glob("checkpoint_*"))  # nothing saved from a diverged model
+
+
+def _weights_difference(a: str, b: str) -> float:
+    """The largest absolute difference between two checkpoints' weights (every tensor, BN statistics included)."""
+    first, second = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    assert first.keys() == second.keys()
+    return max((first[k].double() - second[k].double()).abs().max().item() for k in first
+               if first[k].is_floating_point() and first[k].numel())
+
+
+def test_a_killed_teacher_worker_resumes_to_identical_weights(tiny_config, teacher_run, tmp_path: Path,
+                                                              shapes_cache: Path) -> None:
+    """2 workers, one SIGKILLed at iteration 5 (after checkpoint 4): Ray Train restarts both from checkpoint 4, and
+    the run ends with the weights of the same run left alone (`teacher_run`), to the bit."""
+    _, undisturbed = teacher_run
+    cfg = tiny_config(tmp_path, shapes_cache, "teacher", "killed", "distributed.max_failures=1")
+    kill = FAULT_DIR / "killed.kill-at-5"
+    kill.touch()
+    result = fit(cfg)
+    assert not kill.exists()  # a worker took it, and died
+    state = load_checkpoint(result.checkpoint)
+    assert state["iteration"] == 6 and state["resumed_from"] == [4]
+    assert _weights_difference(result.checkpoint, undisturbed.checkpoint) == 0.0
+    # negative control: the comparison sees one more step (checkpoint 4 vs 6 of the same run)
+    assert _weights_difference(str(Path(result.run_dir) / "checkpoint_0000004" / "checkpoint.pt"),
+                               undisturbed.checkpoint) > 1e-6
+
+
+def test_a_killed_student_worker_resumes_to_identical_weights_mid_kd_ramp(tiny_config, teacher_run, tmp_path: Path,
+                                                                          shapes_cache: Path) -> None:
+    """1 worker, SIGKILLed at iteration 3 while the KD weight still ramps up (4 iterations): resumed from checkpoint
+    2, the student ends with the weights of the same run left alone, to the bit."""
+    _, teacher = teacher_run
+    common = (f"train.teacher_checkpoint={teacher.checkpoint}", "distributed.num_workers=1",
+              "train.kd_warmup_iters=4", "train.eval_period=0", "distributed.max_failures=1")
+    alone = fit(tiny_config(tmp_path, shapes_cache, "student", "alone", *common))
+    kill = FAULT_DIR / "killed-student.kill-at-3"
+    kill.touch()
+    killed = fit(tiny_config(tmp_path, shapes_cache, "student", "killed-student", *common))
+    assert not kill.exists()
+    state = load_checkpoint(killed.checkpoint)
+    assert state["iteration"] == 6 and state["resumed_from"] == [2]
+    assert _weights_difference(killed.checkpoint, alone.checkpoint) == 0.0

@@ -20,13 +20,14 @@ import pytest
 from conftest import terminal_to_file, tiny_sweep
 from wandb_servers import ANALYTICS_PATH, FailingServer, write_netrc
 
-from msad.sweep.report import read_trial_summaries
 from msad.sweep.tracking import INIT_TIMEOUT_S, online_settings, wandb_mode
+from msad.sweep.trials import read_trial_summaries
 
 REPO = Path(__file__).resolve().parents[1]
 CANARY = "msadoutage" + "0123456789abcdef" * 2  # 42 characters: a key wandb's client accepts
 MALFORMED = "msadshort" + "0123456789abcdef" + "012345678"  # 34 characters: one it rejects before sending
 TRIALS = {"teacher-w0.25-h128", "student-w0.25-l64-kd0.2-t3"}
+ONE_TRIAL = {"teacher-w0.25-h128"}
 WANDB_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "NETRC", "WANDB_DIR", "WANDB_CONFIG_DIR",
              "WANDB_CACHE_DIR", "WANDB_DATA_DIR")
 
@@ -119,22 +120,23 @@ def test_a_malformed_key_means_offline_runs_and_one_line(where: str, wandb_home:
     assert wandb_mode("auto") == "online" and terminal.getvalue() == ""
 
 
-def _sweep_file(tmp: Path, cache: Path, name: str, mode: str) -> Path:
-    """One teacher, then its student: two trials and the report run, one at a time."""
-    return tiny_sweep(tmp, cache, name, {"teachers": {"grid": {"model.width": [0.25]}},
-                                         "students": {"grid": {"model.width": [0.25]}},
-                                         "max_concurrent_trials": 1}, config={"tracking": {"mode": mode}})
+def _sweep_file(tmp: Path, cache: Path, name: str, mode: str, students: bool = True) -> Path:
+    """One teacher, then (with `students`) its student: one or two trials and the report run, one at a time."""
+    body = {"teachers": {"grid": {"model.width": [0.25]}}, "max_concurrent_trials": 1}
+    if students:
+        body["students"] = {"grid": {"model.width": [0.25]}}
+    return tiny_sweep(tmp, cache, name, body, config={"tracking": {"mode": mode}})
 
 
-def _check_outcome(experiment: Path, terminal: list[str], server_url: str) -> None:
+def _check_outcome(experiment: Path, terminal: list[str], server_url: str, trials: set[str] = TRIALS) -> None:
     """Every trial's row, the report, an offline W&B run per trial and one for the report; one W&B line."""
     from test_tracking import _read_wandb_run
 
     rows = {row.name: row for row in read_trial_summaries(experiment)}
-    assert set(rows) == TRIALS and all(row.status == "TERMINATED" for row in rows.values())
-    assert (experiment / "report.md").read_text().count("| FCOS ") == 2
+    assert set(rows) == trials and all(row.status == "TERMINATED" for row in rows.values())
+    assert (experiment / "report.md").read_text().count("| FCOS ") == len(trials)
     runs = [_read_wandb_run(d) for d in sorted((experiment / "wandb").glob("offline-run-*"))]
-    assert sorted(run["display_name"] for run in runs) == sorted([*TRIALS, f"{experiment.name}-report"])
+    assert sorted(run["display_name"] for run in runs) == sorted([*trials, f"{experiment.name}-report"])
     named = [line for line in terminal if f"W&B ({server_url})" in line]
     assert len(named) == 1, "\n".join(terminal)
     assert f"upload them later with: wandb sync {experiment}/wandb/offline-run-*" in named[0]
@@ -158,12 +160,12 @@ def test_a_sweep_survives_a_failing_wandb_server(kind: str, mode: str, ray_sessi
         os.environ["WANDB_BASE_URL"] = server.url  # undone by wandb_home's monkeypatch
         netrc = write_netrc(wandb_home, server.url, CANARY)
         assert wandb_mode(mode) == "online"  # the key is found for this server: W&B is really tried
-        path = _sweep_file(tmp_path, shapes_cache, f"outage_{kind}", mode)
+        path = _sweep_file(tmp_path, shapes_cache, f"outage_{kind}", mode, students=kind == "503")
         with CommandLines(CANARY) as commands, terminal_to_file(tmp_path / "terminal.txt"):
             experiment = run_sweep(path, [])  # returns: the sweep ends normally (exit code 0 from launch.py)
         hits, requests = server.hits, server.requests
     terminal = (tmp_path / "terminal.txt").read_text().splitlines()
-    _check_outcome(experiment, terminal, server.url)
+    _check_outcome(experiment, terminal, server.url, TRIALS if kind == "503" else ONE_TRIAL)
     log = (experiment / "sweep.log").read_text()
     waits = [float(s) for s in re.findall(r"wandb\.init online gave up after ([\d.]+) s", log)]
     assert len(waits) == 1 and waits[0] < INIT_TIMEOUT_S + 4, log[-3000:]  # once per sweep, bounded
@@ -217,7 +219,7 @@ def test_a_malformed_key_is_named_before_ray_starts_and_the_sweep_logs_offline(t
     """`python launch.py` with a 34-character WANDB_API_KEY (in the environment before Ray starts, so every Ray
     process inherits it): one line before Ray starts, exit 0, offline runs, the server never asked, the key
     written nowhere (experiment, HOME, this Ray's temp folder) and on no command line."""
-    path = _sweep_file(tmp_path, shapes_cache, "malformed", "auto")
+    path = _sweep_file(tmp_path, shapes_cache, "malformed", "auto", students=False)
     home = tmp_path / "home"
     home.mkdir()
     ray_tmp = Path(tempfile.mkdtemp(prefix="msadw", dir="/tmp"))  # short: Ray's socket paths must stay short
@@ -233,10 +235,10 @@ def test_a_malformed_key_is_named_before_ray_starts_and_the_sweep_logs_offline(t
         terminal = (proc.stderr + proc.stdout).splitlines()
         assert proc.returncode == 0, proc.stderr[-3000:]
         experiment = tmp_path / "runs" / "malformed"
-        _check_outcome(experiment, terminal, server.url)
+        _check_outcome(experiment, terminal, server.url, ONE_TRIAL)
         (named,) = [i for i, line in enumerate(terminal) if f"W&B ({server.url})" in line]
         assert "WANDB_API_KEY: API key must have 40+ characters, has 34;" in terminal[named]
-        started = [i for i, line in enumerate(terminal) if line.startswith("sweep malformed: 2 trials")]
+        started = [i for i, line in enumerate(terminal) if line.startswith("sweep malformed: 1 trial,")]
         assert started and named < started[0]  # named before Ray started (that line follows ray.init)
         # the malformed key was never sent: no request holds it, and the only requests the server got are wandb's
         # own analytics (OpenTelemetry, sent without credentials), never W&B's API

@@ -47,11 +47,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from msad.build import build_model
+from msad.build import model_from_checkpoint
+from msad.checkpoint import ROLES, SLICED_KIND, checkpoint_dict, load_checkpoint, save_checkpoint
 from msad.config import Config, config_from_dict
 from msad.deploy.runtime import (
     NETWORK_INPUT,
-    ROLES,
     DeployedDetector,
     FlatOutputs,
     deploy_detector,
@@ -59,13 +59,10 @@ from msad.deploy.runtime import (
     scaled_detections,
 )
 from msad.deploy.slicing import slice_model
-from msad.engine.checkpoint import CHECKPOINT_VERSION, checkpoint_config, load_checkpoint, save_checkpoint
 from msad.errors import UserError
 from msad.models.fcos import STRIDES, HeadOutputs, fcos_detections
-from msad.models.state import load_state_strictly
 
 FORMATS: tuple[str, ...] = ("pt", "torchscript", "onnx")
-SLICED_KIND = "sliced"
 HEAD_RTOL = 1e-4
 SCORE_ATOL = 1e-4
 BOX_ATOL = 1e-2
@@ -110,34 +107,17 @@ def sliced_config(cfg: Config) -> Config:
 def load_training_model(checkpoint: str | Path, roles: tuple[str, ...] = ROLES) -> tuple[nn.Module, dict, Config]:
     """The eval-mode model a checkpoint (training, standalone or sliced) describes, its state and its config."""
     state = load_checkpoint(checkpoint)  # missing / corrupt / not msad: one-line UserError
-    model, cfg = model_from_state(state, checkpoint, roles)
+    model, cfg = model_from_checkpoint(state, checkpoint, roles)
     return model, state, cfg
-
-
-def model_from_state(state: dict, checkpoint: str | Path, roles: tuple[str, ...] = ROLES) -> tuple[nn.Module, Config]:
-    """The eval-mode model of an already loaded checkpoint dict, strictly filled, and its config."""
-    cfg = checkpoint_config(state, checkpoint)
-    role = state["role"]
-    if role not in roles:
-        raise UserError(f"{checkpoint}: role {role!r} cannot be used here; allowed: {', '.join(roles)}")
-    if role != cfg.train.role:
-        raise UserError(f"{checkpoint}: role {role!r} differs from its config's train.role {cfg.train.role!r}")
-    model = build_model(cfg, load_pretrained=False)  # every weight comes from the checkpoint
-    if not isinstance(state["model"], dict):
-        raise UserError(f"{checkpoint}: field 'model' is a {type(state['model']).__name__}, expected a state dict")
-    load_state_strictly(model, state["model"], str(checkpoint))
-    return model.eval(), cfg
 
 
 def sliced_state(model: nn.Module, state: dict, cfg: Config, source: str | Path) -> dict[str, Any]:
     """The ``pt`` file's dict: the single-width model's weights and config, no optimizer, no other widths."""
-    return {
-        "version": CHECKPOINT_VERSION, "kind": SLICED_KIND, "role": state["role"], "width": cfg.model.width,
-        "iteration": int(state.get("iteration", 0)), "config": sliced_config(cfg).to_dict(),
-        "model": {k: v.detach().clone() for k, v in slice_model(model).state_dict().items()},
-        "metrics": state.get("metrics", {}), "source": str(source),
-        "source_width_list": state.get("source_width_list", [float(w) for w in model.backbone.width_list]),
-    }
+    weights = {k: v.detach().clone() for k, v in slice_model(model).state_dict().items()}
+    return checkpoint_dict(
+        SLICED_KIND, state["role"], sliced_config(cfg), weights, state.get("iteration", 0), state.get("metrics", {}),
+        source=str(source),
+        source_width_list=state.get("source_width_list", [float(w) for w in model.backbone.width_list]))
 
 
 def load_sliced_model(path: str | Path) -> nn.Module:
@@ -146,7 +126,7 @@ def load_sliced_model(path: str | Path) -> nn.Module:
     if state.get("kind") != SLICED_KIND:
         raise UserError(f"{path}: not a sliced export (field 'kind' is {state.get('kind')!r}, expected "
                         f"{SLICED_KIND!r}); write one with `launch.py export CKPT --output FILE`")
-    return model_from_state(state, path)[0]
+    return model_from_checkpoint(state, path)[0]
 
 
 def load_exported(path: str | Path) -> DeployedDetector:
@@ -442,3 +422,12 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, fmt: str = "pt
     finally:
         tmp.unlink(missing_ok=True)
     return ExportResult(output, fmt, role, cfg.model.width, output.stat().st_size, error, count)
+
+
+def export_standalone_student(checkpoint: str | Path, output: str | Path) -> Path:
+    """A student for deployment: the ``pt`` format of ``export_checkpoint``, students only.
+
+    Weights at the student's width only (no other widths, no teacher, no optimizer) and the config that rebuilds
+    them, checked against the training model before it is written.
+    """
+    return export_checkpoint(checkpoint, output, "pt", roles=("student",)).path

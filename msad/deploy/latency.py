@@ -5,7 +5,7 @@ What is timed is one network forward at batch 1 (decoding and NMS are not: they 
 weights would time a post-processing no trained model sees): the teacher's fused branch (backbone + pyramid on H
 and on L = H / 2, C-FF, head once), the student on L, plain FCOS on H. FLOPs are counted on the very module and
 input shapes timed, with ``torch.utils.flop_counter`` as ``msad.models.capacity`` does (a FLOP is a multiply or an
-add; convs and matmuls only): for the student and FCOS that is ``msad.sweep.report.detector_gflops``; for the
+add; convs and matmuls only): for the student and FCOS that is ``msad.models.capacity.detector_gflops``; for the
 teacher it is less, since the deployed teacher runs its head once (fused) where training runs it on H, L and fused.
 Models are the paper's (FPN 256 channels, 80 classes) unless told otherwise, with random weights.
 """
@@ -49,7 +49,8 @@ def input_size(model: str, sizes: str) -> tuple[int, int]:
     return high
 
 
-def build_model(model: str, width: float, fpn_channels: int = 256, num_classes: int = 80, seed: int = 0) -> nn.Module:
+def random_training_model(model: str, width: float, fpn_channels: int = 256, num_classes: int = 80,
+                          seed: int = 0) -> nn.Module:
     """A randomly initialised training model of ``model`` at ``width`` (all four widths' weights), eval mode."""
     torch.manual_seed(seed)
     cls = {"teacher": MSADTeacher, "student": MSADStudent, "fcos": FCOSDetector}[model]
@@ -112,7 +113,7 @@ def measure(model_name: str, width: float, sizes: str = "cpu", repeats: int = 3,
 
     from msad.deploy.runtime import deploy_network
 
-    model = build_model(model_name, width, fpn_channels, num_classes)
+    model = random_training_model(model_name, width, fpn_channels, num_classes)
     example = torch.randn(1, 3, *input_size(model_name, sizes), generator=torch.Generator().manual_seed(0))
     eager = training_forward(model)
     network = deploy_network(model)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msad.checkpoint import ROLES
 from msad.data.transforms import to_low_resolution
 from msad.deploy.postprocess import fcos_detections_scriptable
 from msad.deploy.slicing import PlainResNet50, fold_backbone
@@ -30,7 +31,6 @@ from msad.models.fpn import FeaturePyramid
 from msad.models.student import MSADStudent
 from msad.models.teacher import MSADTeacher
 
-ROLES: tuple[str, ...] = ("student", "teacher", "fcos")
 # What each role's network reads: the student L, the others H (the teacher halves H itself for its L pass).
 NETWORK_INPUT: dict[str, str] = {"student": "L", "teacher": "H", "fcos": "H"}
 HeadTuple = tuple[list[Tensor], list[Tensor], list[Tensor]]

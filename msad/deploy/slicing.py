@@ -3,7 +3,7 @@
 Two steps, because they serve different readers:
 
 1. ``slice_model``: the same class (student, teacher or FCOS) with a single-width backbone,
-   ``SlimmableResNet50(w, width_list=(w,))`` -- the layout ``msad.sweep.report.detector_gflops`` counts. Each conv
+   ``SlimmableResNet50(w, width_list=(w,))`` -- the layout ``msad.models.capacity.detector_gflops`` counts. Each conv
    keeps only the slice the eager model reads at width ``w`` (``weight[:out_c, :in_c]``, exactly what
    ``SlimmableConv2d.forward`` passes to ``F.conv2d``) and each switchable BN only its ``bn[i]`` for that width. The
    result computes what the training model computes at ``w`` and is still an ordinary msad model: ``launch.py

@@ -23,7 +23,7 @@ from faster_coco_eval import COCOeval_faster
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from msad.engine import storage
+from msad import storage
 from msad.engine.bootstrap import BOOTSTRAP_METRICS, SEED, Replicates, bootstrap, image_set_digest
 
 # COCOeval.stats indices of the box metrics reported (AP over IoU 0.5:0.95, at 0.5, at 0.75, by object area).

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 import warnings
@@ -28,6 +29,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from msad import storage
 from msad.build import (
     build_lr_scheduler,
     build_optimizer,
@@ -35,23 +37,24 @@ from msad.build import (
     build_trainable,
     build_val_dataset,
 )
+from msad.checkpoint import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    TRAINING_KIND,
+    CorruptCheckpointError,
+    checkpoint_dict,
+    load_checkpoint,
+    save_checkpoint,
+)
 from msad.config import Config, config_from_dict
 from msad.data.coco import CocoDetection
 from msad.data.paths import DataPaths
 from msad.data.transforms import Batch, Collate
-from msad.engine import storage
-from msad.engine.checkpoint import (
-    CHECKPOINT_FILE,
-    CHECKPOINT_VERSION,
-    CONFIG_FILE,
-    CorruptCheckpointError,
-    load_checkpoint,
-    save_checkpoint,
-)
 from msad.engine.compilation import choose_compile, has_cpp_compiler, use_shared_compile_cache
 from msad.engine.data import EpochSeededDataset, GroupedDistributedSampler, same_padding_batches, shard_indices
 from msad.engine.evaluate import coco_evaluate, to_coco_results
 from msad.engine.precision import Precision, choose_amp, device_facts
+from msad.models.state import load_state_strictly
 from msad.models.trainable import Trainable, loss_terms
 
 RESULTS_FILE = "coco_results.json"
@@ -224,16 +227,20 @@ FAULT_DIR_ENV_VAR = "MSAD_FAULT_DIR"  # tests only: see _inject_fault
 
 def _inject_fault(run_name: str, iteration: int) -> None:
     """Fault injection from outside, for tests of restarts: when the workers' environment names a folder in
-    MSAD_FAULT_DIR and it holds `<run_name>.fail-at-<iteration>`, the worker that removes that file raises (once:
-    the file is gone for the restarted workers). Unset in every real run: one dictionary lookup per step."""
+    MSAD_FAULT_DIR and it holds `<run_name>.fail-at-<iteration>`, the worker that removes that file raises; with
+    `<run_name>.kill-at-<iteration>` it SIGKILLs itself, as the kernel's OOM killer or a lost machine ends a worker
+    (once: the file is gone for the restarted workers). Unset in every real run: one dictionary lookup per step."""
     folder = os.environ.get(FAULT_DIR_ENV_VAR)
     if not folder:
         return
-    try:
-        (Path(folder) / f"{run_name}.fail-at-{iteration}").unlink()
-    except FileNotFoundError:
-        return
-    raise RuntimeError(f"injected failure at iteration {iteration}")
+    for fault in ("fail", "kill"):
+        try:
+            (Path(folder) / f"{run_name}.{fault}-at-{iteration}").unlink()
+        except FileNotFoundError:
+            continue
+        if fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected failure at iteration {iteration}")
 
 
 def _restore(ctx: WorkerContext) -> tuple[dict[str, Any] | None, Path | None]:
@@ -277,7 +284,7 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext, run_dir
                                 yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     state = TrainState()
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        load_state_strictly(model, checkpoint["model"], str(checkpoint_path))
         model.load_training_state(checkpoint)
         state = TrainState(checkpoint["iteration"], checkpoint["best_ap"], list(checkpoint["history"]),
                            [*checkpoint["resumed_from"], checkpoint["iteration"]])
@@ -387,14 +394,11 @@ def _report(metrics: dict[str, Any], save_now: bool, is_last: bool, model: nn.Mo
         metrics["checkpoint_score"] = metrics["AP"] if due else UNEVALUATED_SCORE
         state.history.append(_numbers(metrics))
         if ctx.rank == 0:
-            save_checkpoint({
-                "version": CHECKPOINT_VERSION, "kind": "training", "role": t.role, "width": cfg.model.width,
-                "iteration": state.iteration, "best_ap": state.best_ap, "config": cfg.to_dict(),
-                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), **unwrap(model).training_state(),
-                "metrics": _numbers(metrics),
-                "history": state.history, "resumed_from": state.resumed_from,
-            }, out / CHECKPOINT_FILE)
+            save_checkpoint(checkpoint_dict(
+                TRAINING_KIND, t.role, cfg, unwrap(model).state_dict(), state.iteration, _numbers(metrics),
+                best_ap=state.best_ap, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                **unwrap(model).training_state(), history=state.history, resumed_from=state.resumed_from,
+            ), out / CHECKPOINT_FILE)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         ctx.report(metrics, out if ctx.rank == 0 else None, state.iteration)
 

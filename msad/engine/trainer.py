@@ -20,27 +20,28 @@ from typing import Any
 import torch
 import yaml
 
-from msad import console
+from msad import console, storage
 from msad.build import (
     annotation_cache_dir,
-    build_model,
     build_val_dataset,
     check_num_classes,
+    check_teacher_for_student,
+    model_from_checkpoint,
     resolve_data_paths,
 )
-from msad.config import Config, check_ready_to_train, config_from_dict
+from msad.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, checkpoint_config, load_checkpoint
+from msad.config import Config, DistributedConfig, check_ready_to_train, config_from_dict
 from msad.data.coco_cache import load_annotations
 from msad.data.paths import DataPaths
-from msad.engine import storage
-from msad.engine.checkpoint import (
-    CHECKPOINT_FILE,
-    CONFIG_FILE,
-    check_teacher_for_student,
-    checkpoint_config,
-    load_checkpoint,
-)
 from msad.engine.evaluate import METRIC_NAMES
 from msad.engine.gpu import PreflightTorchConfig, gpu_error_line
+from msad.engine.placement import (
+    cluster_shapes,
+    release_leftovers,
+    unplaceable,
+    waiting_line,
+    worker_resources,
+)
 from msad.errors import RunFailedError, UserError
 
 FINAL_METRICS_FILE = "final_metrics.json"
@@ -101,9 +102,33 @@ def init_ray(address: str | None) -> None:
             raise UserError(f"--address {address}: cannot join a Ray cluster ({first})") from None
         return
     # One logical CPU more than the cores: Tune's and Train's driver actors hold a sliver each but sit idle.
-    # The dashboard (its State API lets Train clean up after a crashed controller) listens on localhost only.
-    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=True,
-             dashboard_host="127.0.0.1")
+    start_local_ray(num_cpus=(os.cpu_count() or 1) + 1)
+
+
+API_SERVER_ENV_VAR = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients go (else: the one Ray on this machine)
+
+
+def start_local_ray(num_cpus: int, **init_args: Any) -> None:
+    """Start a private local Ray whose own processes find its dashboard even when other Rays run on this machine.
+
+    Ray Train's placement-group cleaner (a detached actor that frees a run's CPUs when its controller dies, e.g. a
+    trial ASHA stops) asks Ray's State API, which without an address looks for "the" Ray of this machine and fails
+    with "Found multiple active Ray instances" when there are two: the stopped trial's CPUs stayed reserved, and
+    the sweep waited forever. The dashboard (the State API's server) gets a port chosen here, on localhost only, and
+    `RAY_API_SERVER_ADDRESS` names it to every process of this Ray (they inherit this process's environment).
+
+    Args:
+        num_cpus: logical CPUs of the local Ray.
+        init_args: more `ray.init` arguments (tests: log_to_driver, configure_logging).
+    """
+    import ray
+
+    with socket.socket() as probe:  # a port free now; Ray binds it a moment later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ[API_SERVER_ENV_VAR] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, **init_args)
 
 
 STORAGE_CHECK_TIMEOUT_S = 60.0
@@ -236,6 +261,30 @@ def _worker_error_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
+START_TIMEOUT_ENV_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's wait for one start of the workers
+START_ATTEMPTS = 3
+
+
+def _start_timed_out(err: BaseException) -> bool:
+    """Whether Ray Train gave up because the workers' placement group was never ready (not a worker's error)."""
+    failure = getattr(err, "controller_failure", None)
+    return failure is not None and type(failure).__name__ == "WorkerGroupStartupTimeoutError"
+
+
+def check_workers_placeable(what: str, distributed: DistributedConfig, on_head: dict[str, float] | None = None) -> None:
+    """Refuse, in one line, workers that no node of the connected cluster (or of its autoscaler's node types) can
+    ever hold: Ray would wait for them forever (`msad.engine.placement`).
+
+    Args:
+        what: the run or trial, as the line names it.
+        distributed: the run's distributed section.
+        on_head: what else the run keeps on the head (a sweep's trial driver).
+    """
+    line = unplaceable(what, distributed.num_workers, worker_resources(distributed), on_head or {}, cluster_shapes())
+    if line:
+        raise UserError(line)
+
+
 TRAIN_POLL_ENV_VAR, TRAIN_POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 TRAIN_LOG = "train.log"  # beside the run's checkpoints: everything the progress bar does not show
 
@@ -284,7 +333,14 @@ def fit(cfg: Config, address: str | None = None, callbacks: list[Any] | None = N
 
         shown = TrainProgress(cfg.distributed.run_name, cfg.train.iterations)
     d = cfg.distributed
-    resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.use_gpu else {})}
+    resources = worker_resources(d)
+    if check_storage:  # a sweep checks every trial before the first starts (on_head: its trial drivers)
+        check_workers_placeable(f"run {d.run_name}", d)
+        if address and (released := release_leftovers()):  # what stopped runs left on the cluster
+            console.current().event(released)
+    # Ray Train retries a worker group that cannot start without end: 3 starts of a third of the timeout each (one
+    # more after a start that fails for a passing reason, a node lost while its workers came up), then the run fails
+    os.environ[START_TIMEOUT_ENV_VAR] = f"{d.worker_start_timeout_s / START_ATTEMPTS:g}"
     trainer = TorchTrainer(
         train_loop or train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data_paths": {k: str(v) for k, v in asdict(paths).items()},
@@ -297,7 +353,8 @@ def fit(cfg: Config, address: str | None = None, callbacks: list[Any] | None = N
             storage_path=storage.resolve(d.storage_path),
             callbacks=[*(callbacks or []), *([shown.forwarder] if shown else [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not a line per report per worker
-            failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=d.max_failures,
+                                                   controller_failure_limit=START_ATTEMPTS - 1),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                          checkpoint_score_attribute="checkpoint_score",
                                                          checkpoint_score_order="max"),
@@ -308,7 +365,9 @@ def fit(cfg: Config, address: str | None = None, callbacks: list[Any] | None = N
             result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         where = f" (full log: {log})" if log else ""
-        failure = RunFailedError(f"run {run_dir} failed: {gpu_error_line(str(err)) or _worker_error_line(err)}{where}")
+        why = (waiting_line(d.num_workers, resources, d.worker_start_timeout_s) if _start_timed_out(err)
+               else gpu_error_line(str(err)) or _worker_error_line(err))
+        failure = RunFailedError(f"run {run_dir} failed: {why}{where}")
         failure.details = str(err)  # the full worker tracebacks, for logs
         raise failure from None
     finally:
@@ -377,8 +436,7 @@ def evaluate_checkpoint(cfg: Config, weights: str, output_dir: Path, branch: str
     paths = resolve_data_paths(run_cfg.data)
     val_set = build_val_dataset(run_cfg, paths)
     check_num_classes(run_cfg, val_set)
-    model = build_model(run_cfg, load_pretrained=False)  # every weight is in the checkpoint
-    model.load_state_dict(state["model"])
+    model, _ = model_from_checkpoint(state, weights, cfg=run_cfg)  # every weight from the checkpoint, strictly
     ctx = LocalContext()
     model.to(ctx.device)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from functools import cache
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from msad.checkpoint import ROLES
 from msad.models.detector import HIGH_LEVELS, LOW_LEVELS
 from msad.models.fcos import FCOSHead
 from msad.models.fpn import FeaturePyramid
@@ -59,6 +60,11 @@ class CapacityRow:
     detector_gflops: float
 
 
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+
+
 def _count_flops(run: Callable[[], object]) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         run()
@@ -96,8 +102,7 @@ def detector_flops(width: float, role: str, high: tuple[int, int] = HIGH_RESOLUT
         role: "teacher", "student" or "fcos".
         high: H image size (height, width); L is half of it, rounded up.
     """
-    if role not in ("teacher", "student", "fcos"):
-        raise ValueError(f"role must be 'teacher', 'student' or 'fcos', got {role!r}")
+    _check_role(role)
     low = (math.ceil(high[0] / 2), math.ceil(high[1] / 2))
     # (image size, pyramid levels, head applications) per backbone pass
     passes = {"teacher": [(low, LOW_LEVELS, 1), (high, HIGH_LEVELS, 2)], "student": [(low, LOW_LEVELS, 1)],
@@ -168,3 +173,70 @@ def format_capacity_table(rows: Sequence[CapacityRow]) -> str:
 def capacity_json(rows: Sequence[CapacityRow]) -> list[dict]:
     """The rows as plain dicts (for the sweep report and W&B)."""
     return [dataclasses.asdict(r) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Capacity at a run's resolution (the sweep report's columns)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_image_sizes(h_short_side: int, max_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(H, L) image sizes, (height, width), for a run: the 800 x 1333 box scaled to `h_short_side`, capped by
+    `max_size`, and L = H / 2 rounded up (as `LOW_RESOLUTION`).
+
+    Args:
+        h_short_side: the run's H short side (`data.test_short_side`).
+        max_size: the cap on H's long side (`data.max_size`).
+    """
+    long_side = h_short_side * HIGH_RESOLUTION[1] / HIGH_RESOLUTION[0]
+    scale = min(1.0, max_size / long_side)
+    high = (round(h_short_side * scale), round(long_side * scale))
+    return high, (math.ceil(high[0] / 2), math.ceil(high[1] / 2))
+
+
+def detector_gflops(width: float, role: str, high: tuple[int, int]) -> float:
+    """GFLOPs of the whole detector of `role` for one H image of size `high` (and its half-size L): see
+    `detector_flops` (FPN and head at the paper's 256 channels and 80 classes).
+
+    Args:
+        width: backbone width multiplier.
+        role: "teacher", "student" or "fcos".
+        high: H image size (height, width).
+    """
+    return detector_flops(width, role, tuple(high)) / 1e9
+
+
+def backbone_capacity(role: str, width: float, h_short_side: int, max_size: int) -> float:
+    """Backbone FLOPs of `role`'s inputs at the sizes `run_image_sizes` gives, relative to width 1.0 at 800 x 1333
+    (the README's capacity); at (800, 1333) it equals `capacity_rows`' value.
+
+    Args:
+        role: "teacher" (H and L), "student" (L) or "fcos" (H).
+        width: backbone width multiplier.
+        h_short_side: the run's H short side.
+        max_size: the cap on H's long side.
+    """
+    _check_role(role)
+    high, low = run_image_sizes(h_short_side, max_size)
+    inputs = {"teacher": (high, low), "student": (low,), "fcos": (high,)}[role]
+    reference = backbone_flops(1.0, *HIGH_RESOLUTION)
+    return sum(backbone_flops(width, *size) for size in inputs) / reference
+
+
+def capacity_for(role: str, width: float, h_short_side: int, max_size: int) -> tuple[float, float | None, float]:
+    """(capacity at the run's resolution, the paper's capacity or None, detector GFLOPs at the run's resolution).
+
+    Args:
+        role: "teacher", "student" or "fcos".
+        width: backbone width multiplier.
+        h_short_side: the run's H short side.
+        max_size: the cap on H's long side.
+
+    Returns:
+        See `backbone_capacity` and `detector_gflops`. The published value is the paper's for this role and width
+        (at 800 x 1333), None for the FCOS baseline and for widths the paper does not list.
+    """
+    capacity = backbone_capacity(role, width, h_short_side, max_size)
+    published = PUBLISHED_CAPACITY.get(width)
+    published_capacity = None if published is None or role == "fcos" else published[0 if role == "teacher" else 1]
+    return capacity, published_capacity, detector_gflops(width, role, run_image_sizes(h_short_side, max_size)[0])

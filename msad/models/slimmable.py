@@ -207,6 +207,38 @@ class SlimmableResNet50(nn.Module):
         return outputs
 
 
+class SlicedResNet50(SlimmableResNet50):
+    """``SlimmableResNet50(w, width_list=(w,))`` that names the widths its weights were cut from.
+
+    The backbone of a sliced teacher (``msad.deploy.export_sliced_teacher``). ``width_list`` is the source list (what
+    ``check_teacher_matches`` compares with the student's); the module itself holds and runs only ``width``.
+
+    Args:
+        width: the one width held.
+        source_width_list: the training backbone's widths.
+    """
+
+    def __init__(self, width: float, source_width_list: Sequence[float]) -> None:
+        super().__init__(width, (width,))
+        source = tuple(float(w) for w in source_width_list)
+        if float(width) not in source:
+            raise UserError(f"sliced width {width} is not one of its source widths {source}")
+        self.width_list = source
+
+    @property
+    def width(self) -> float:
+        return self._width
+
+    @width.setter
+    def width(self, width: float) -> None:
+        if hasattr(self, "_width") and float(width) != self._width:
+            raise UserError(f"a sliced backbone runs only at its width {self._width}, not {width}")
+        for m in self.modules():
+            if isinstance(m, (SlimmableConv2d, SwitchableBatchNorm2d)):
+                m.set_width_index(0)
+        self._width = float(width)
+
+
 def load_slimmable_imagenet(model: SlimmableResNet50, path: str | Path) -> None:
     """Load the slimmable_networks ImageNet file (``s_resnet50_0.25_0.5_0.75_1.0.pt``) into ``model``.
 

@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from msad.data.transforms import to_low_resolution
 from msad.errors import UserError
 from msad.models.detector import LOW_LEVELS, SlimmableFCOS, pyramid_features
 from msad.models.fcos import STRIDES, HeadOutputs, fcos_detections, fcos_losses
+from msad.models.slimmable import SlicedResNet50, SlimmableConv2d, SlimmableResNet50, SwitchableBatchNorm2d
 from msad.models.state import load_state_strictly
 from msad.models.teacher import MSADTeacher
 from msad.models.trainable import check_single_branch
@@ -201,6 +202,38 @@ def init_from_teacher(
     if teacher_width is not None and float(teacher_width) != student.width:
         raise UserError(f"teacher width {teacher_width} differs from student width {student.width}")
     load_state_strictly(student, teacher_state_dict, "teacher state", ignore_prefixes=TEACHER_ONLY_PREFIXES)
+
+
+def init_student_from_teacher(student: MSADStudent, teacher: MSADTeacher) -> None:
+    """Start ``student`` from ``teacher``: a training teacher strictly key by key, a sliced one at its width.
+
+    A sliced teacher (``SlicedResNet50`` backbone) fills the student's active slices and that width's batch norms;
+    the slices outside its width and the other widths' batch norms, which a student at that width never reads, keep
+    the student's own initialisation.
+    """
+    if not isinstance(teacher.backbone, SlicedResNet50):
+        init_from_teacher(student, teacher.state_dict(), teacher.width)
+        return
+    if student.width != teacher.width:
+        raise UserError(f"teacher width {teacher.width} differs from student width {student.width}")
+    _unslice_into(student.backbone, teacher.backbone)
+    others: dict[str, nn.Module] = {"pyramid": teacher.pyramid, "head": teacher.head}
+    for name, module in others.items():
+        load_state_strictly(getattr(student, name), module.state_dict(), f"sliced teacher {name}")
+
+
+def _unslice_into(student_backbone: SlimmableResNet50, sliced: SlimmableResNet50) -> None:
+    """Copy a one-width backbone into the active slices and BN of a slimmable one at the same width."""
+    index = student_backbone.width_list.index(sliced.width)
+    targets = dict(student_backbone.named_modules())
+    with torch.no_grad():
+        for name, module in sliced.named_modules():
+            target = targets[name]
+            if isinstance(module, SlimmableConv2d):
+                out_c, in_c = module.weight.shape[:2]
+                target.weight[:out_c, :in_c].copy_(module.weight)
+            elif isinstance(module, SwitchableBatchNorm2d):
+                target.bn[index].load_state_dict(module.bn[0].state_dict())
 
 
 def run_frozen_teacher(teacher: MSADTeacher, images: Tensor, batch_statistics: bool = False) -> list[Tensor]:

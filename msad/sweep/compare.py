@@ -23,12 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from msad.engine.bootstrap import Difference, Replicates, seed_averaged_difference
-from msad.sweep.report import TrialSummary, aligned_table, interval_cell
+from msad.sweep.trials import TrialSummary, finished_with_ap
 
 TABLE_COLUMNS = ("Comparison", "Seeds", "A", "B", "A - B", "Per seed", "95% CI", "Interval", "Real?")
-RIGHT = {"Seeds", "A", "B", "A - B", "Per seed", "95% CI"}
 INTERVAL_NAMES = {"images": "images, 1 seed", "t": "t over {n} seeds", "two-level": "bootstrap over {n} seeds"}
-SEED_COLUMNS = ("Trial", "Seeds", "Mean AP", "SD", "Min", "Max")
 
 
 @dataclass(frozen=True)
@@ -66,10 +64,6 @@ def _group(s: TrialSummary) -> str:
     return s.replicate_of or s.name
 
 
-def _done(summaries: Sequence[TrialSummary]) -> list[TrialSummary]:
-    return [s for s in summaries if s.status == "TERMINATED" and s.AP is not None]
-
-
 def _side(s: TrialSummary, branch: str = "") -> _Side | None:
     ap = s.H_AP if branch == "H" else s.AP
     data = s.H_replicates if branch == "H" else s.replicates
@@ -99,7 +93,7 @@ def _compare(label: str, pairs: list[tuple[_Side, _Side]]) -> Comparison:
 
 def comparisons(summaries: Sequence[TrialSummary]) -> list[Comparison]:
     """The sweep's paired comparisons (see the module docstring), seeds matched trial by trial."""
-    done = _done(summaries)
+    done = finished_with_ap(summaries)
     found: dict[tuple[str, str, str], list[tuple[_Side, _Side]]] = defaultdict(list)  # (kind, a, b) -> per seed
 
     def add(kind: str, a: TrialSummary, b: TrialSummary, a_side: _Side | None, b_side: _Side | None) -> None:
@@ -139,56 +133,14 @@ def comparisons(summaries: Sequence[TrialSummary]) -> list[Comparison]:
             for (kind, a, b), pairs in sorted(found.items(), key=lambda item: (order[item[0][0]], item[0][1:]))]
 
 
-def _signed(value: float) -> str:
-    return f"{100 * value:+.1f}"
-
-
 def table_rows(items: Sequence[Comparison]) -> list[list[object]]:
     """The comparisons table's data, one row per comparison in `TABLE_COLUMNS` order, as numbers (AP fractions):
     label, seeds, mean A, mean B, A - B, each seed's difference ("0.008 0.001 0.011"), the interval ("low high"),
-    how it was made and the verdict (None: no interval). `comparisons_markdown` prints these; W&B's report run
-    should log them."""
+    how it was made and the verdict (None: no interval). `msad.sweep.report.comparisons_markdown` prints these;
+    W&B's report run logs them."""
     def numbers(values: Sequence[float]) -> str:
         return " ".join(f"{v:.6g}" for v in values)
 
     return [[c.label, c.seeds, c.mean_a, c.mean_b, c.mean_a - c.mean_b, numbers(c.per_seed),
              None if c.difference is None else numbers((c.difference.low, c.difference.high)), c.interval_name,
              c.real] for c in items]
-
-
-def comparisons_markdown(items: Sequence[Comparison]) -> str:
-    """The comparisons as a Markdown table (AP in percent; the data of `table_rows`): each seed's difference beside
-    their mean when there are several, the interval and how it was made; "yes" only when it excludes zero."""
-    rows = []
-    for c, (label, seeds, mean_a, mean_b, difference, *_) in zip(items, table_rows(items), strict=True):
-        d = c.difference
-        real = "-" if c.real is None else ("**yes**" if c.real else "no")
-        per_seed = " / ".join(_signed(v) for v in c.per_seed) if len(c.per_seed) > 1 else "-"
-        rows.append([label, str(seeds), f"{100 * mean_a:.1f}", f"{100 * mean_b:.1f}", _signed(difference), per_seed,
-                     "-" if d is None else interval_cell(d.low, d.high), c.interval_name or "-", real])
-    return aligned_table(TABLE_COLUMNS, rows, RIGHT)
-
-
-def seed_table(summaries: Sequence[TrialSummary]) -> str | None:
-    """Mean, spread and range of AP over the seeds of each replicated trial; None when no trial has several."""
-    groups: dict[str, list[float]] = defaultdict(list)
-    for s in _done(summaries):
-        if s.replicate_of:
-            groups[s.replicate_of].append(s.AP)
-    rows = [[name, str(len(aps)), f"{100 * statistics.fmean(aps):.1f}",
-             f"{100 * statistics.stdev(aps):.1f}" if len(aps) > 1 else "-", f"{100 * min(aps):.1f}",
-             f"{100 * max(aps):.1f}"] for name, aps in groups.items()]
-    return aligned_table(SEED_COLUMNS, rows, {"Seeds", "Mean AP", "SD", "Min", "Max"}) if rows else None
-
-
-def comparison_notes(items: Sequence[Comparison]) -> str:
-    """What the comparison table means, in two sentences, plus the count of real differences."""
-    real = sum(1 for c in items if c.real)
-    defined = sum(1 for c in items if c.real is not None)
-    text = ("A - B: difference in box AP (points) on the same validation images, the mean over seeds when there "
-            "are several (Per seed: each seed's own). 95% CI, by Interval: \"images, 1 seed\" is a paired bootstrap "
-            "over those images, which says nothing about another training run; \"t over n seeds\" is a t-interval "
-            "over the seeds' differences plus the image noise they share (it covered 95-98 % of known differences "
-            "in simulation from 2 seeds on; benchmarks/interval_coverage.py). Real? yes only when the interval "
-            "excludes 0.")
-    return f"{text} {real} of {defined} comparisons are real." if defined else text

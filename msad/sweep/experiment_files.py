@@ -16,8 +16,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from msad import console
-from msad.engine import storage
+from msad import console, storage
 
 LOCAL_ROOT = "runs"  # the local copy of an object-store experiment: ./runs/<name> of the driver process
 

@@ -18,6 +18,7 @@ from ray.tune import Callback
 
 from msad import console
 from msad.console import Pace, ap_text, duration
+from msad.sweep.trials import error_line
 
 HEARTBEAT_S = 60.0  # off a terminal, a running trial's progress line comes at most this often
 
@@ -153,8 +154,6 @@ class SweepView(Callback):
         self._draw(force=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from msad.sweep.runner import error_line
-
         name = trial.config["trial_name"]
         self.running.pop(name, None)
         self.ended[name] = "failed"
@@ -162,8 +161,6 @@ class SweepView(Callback):
         self._draw(force=True)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from msad.sweep.runner import error_line
-
         name = trial.config["trial_name"]
         self.running.pop(name, None)
         self._say(f"retry   {name} (trial_retries): {short_reason(error_line(trial))}")

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import pickle
-import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -23,21 +22,12 @@ from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
-from msad import console
+from msad import console, storage
 from msad.config import config_from_dict
-from msad.engine import storage
+from msad.engine.placement import HEAD_NODE_RESOURCE, release_leftovers
 from msad.errors import UserError
 from msad.sweep.experiment_files import ExperimentFiles
-from msad.sweep.report import (
-    REPORT_CSV,
-    REPORT_MD,
-    REPORT_PLOT,
-    RESULTS_DIR,
-    TrialSummary,
-    read_trial_summaries,
-    write_report,
-    write_trial_summary,
-)
+from msad.sweep.report import REPORT_CSV, REPORT_MD, REPORT_PLOT, write_report
 from msad.sweep.spec import Sweep, TrialSpec, load_sweep
 from msad.sweep.tracking import (
     WandbTrialLogger,
@@ -46,6 +36,7 @@ from msad.sweep.tracking import (
     make_wandb_callback,
     sync_command,
 )
+from msad.sweep.trials import RESULTS_DIR, TrialSummary, error_line, read_trial_summaries, write_trial_summary
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -214,6 +205,31 @@ class StudentASHA(AsyncHyperBandScheduler):
             super().on_trial_remove(tune_controller, trial)
 
 
+class SchedulerState(Callback):
+    """Keeps the scheduler's state (ASHA's rungs: which students reached which iteration with which AP) with the
+    experiment, so `--resume` goes on with them.
+
+    Tune saves its searcher and callbacks with the experiment, but restores the scheduler as it was first built:
+    a resumed ASHA sweep forgot every rung and judged the students still running against nobody. This callback is
+    saved with the others and hands its state back to the scheduler when the experiment is restored (the scheduler
+    and the callback come back from the same pickle, so they are still the same objects).
+
+    Args:
+        scheduler: the sweep's scheduler (the one in `TuneConfig`).
+    """
+
+    def __init__(self, scheduler: TrialScheduler) -> None:
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict[str, Any] | None:
+        if not isinstance(self.scheduler, AsyncHyperBandScheduler):
+            return None  # FIFO: nothing to keep
+        return {"scheduler": dict(self.scheduler.__dict__)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.scheduler.__dict__.update(state["scheduler"])
+
+
 def _is_student(trial: Any) -> bool:
     return trial.config.get("role") == "student"
 
@@ -265,15 +281,6 @@ def final_replicates(result: dict[str, Any]) -> dict[str, Any]:
         if storage.exists(location):
             found[key] = json.loads(storage.read_bytes(location))
     return found
-
-
-def error_line(trial: Any) -> str:
-    """The trial's own exception line (e.g. 'DependencyFailedError: teacher ... failed') out of Tune's text."""
-    local = Path(trial.error_file) if trial.error_file else None  # written on the driver before callbacks run
-    text = local.read_text() if local is not None and local.is_file() else str(trial.get_error() or "")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]
-    return (named or lines or ["unknown error"])[-1][:500]
 
 
 def _summary_base(trial: Any) -> TrialSummary:
@@ -372,9 +379,6 @@ def _progress_reporter() -> Any:
     )
 
 
-HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node (1.0 there, absent elsewhere)
-
-
 def trial_driver_resources(sweep: Sweep) -> dict[str, float]:
     """What each trial's driver actor holds: the sweep's `trial_resources`, on the head node.
 
@@ -402,6 +406,21 @@ def check_head_fits_trial_drivers(sweep: Sweep) -> None:
                             "outlive GPU nodes): give the head that much (ray start --num-cpus) or ask for less")
 
 
+def check_trials_placeable(sweep: Sweep) -> None:
+    """Refuse, in one line naming the first such trial, a sweep with a trial whose Train workers no node of the
+    cluster (nor of its autoscaler's node types) can ever hold, the trial driver's share of the head counted:
+    Ray would wait for them forever (`msad.engine.placement`)."""
+    from msad.engine.trainer import check_workers_placeable
+
+    seen = set()
+    for trial in sweep.trials:
+        d = config_from_dict(trial.config).distributed
+        shape = (d.num_workers, d.cpus_per_worker, d.use_gpu and d.gpus_per_worker)
+        if shape not in seen:
+            seen.add(shape)
+            check_workers_placeable(f"{sweep.spec_path}: trial {trial.name}", d, sweep.spec.trial_resources)
+
+
 def _make_search(sweep: Sweep) -> ResumableSearch:
     """The teacher-first searcher under Tune's concurrency limit (applied here, so re-runs count too)."""
     searcher = TeacherFirstSearcher(sweep.teachers, sweep.students, sweep.baselines)
@@ -425,6 +444,7 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
     """
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table shows our role/width/kd columns
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # AP arrives only at evaluations
+    import ray
     from ray import tune
 
     from msad.build import resolve_data_paths
@@ -449,11 +469,15 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
         resolve_data_paths(sweep.base.data)  # generate the built-in dataset once, before trials race for it
         init_ray(address)
         check_head_fits_trial_drivers(sweep)
+        check_trials_placeable(sweep)
+        if address and (released := release_leftovers()):  # a sweep stopped before (ray job stop, a killed driver)
+            con.event(released)
         checked_nodes = check_shared_storage(sweep.base.distributed.storage_path)
         log = console.keep_log(files.local / SWEEP_LOG)
         if log and wandb:
             keep_analytics_messages_in(log)
-        con.event(f"sweep {sweep.spec.name}: {len(sweep.trials)} trials, experiment {experiment_dir}"
+        count = len(sweep.trials)
+        con.event(f"sweep {sweep.spec.name}: {count} trial{'s' if count != 1 else ''}, experiment {experiment_dir}"
                   + (f"; Ray's, Tune's and W&B's messages: {log}" if log else ""))
 
         trainable = tune.with_resources(run_trial, trial_driver_resources(sweep))
@@ -464,11 +488,12 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
         else:
             view = SweepView(sweep.spec.name, [planned_trial(t.tune_config()) for t in sweep.trials],
                              sweep.spec.max_concurrent_trials)
+            scheduler = make_scheduler(sweep)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
                     search_alg=_make_search(sweep),
-                    scheduler=make_scheduler(sweep),
+                    scheduler=scheduler,
                     num_samples=-1,  # the searcher says when the sweep is done (re-runs included)
                     trial_name_creator=lambda trial: trial.config["trial_name"],
                     trial_dirname_creator=_trial_dirname,
@@ -477,11 +502,16 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
                     name=sweep.spec.name, storage_path=storage.resolve(sweep.base.distributed.storage_path),
                     failure_config=tune.FailureConfig(max_failures=sweep.spec.trial_retries),
                     callbacks=[*([wandb] if wandb else []), TrialSummaryCallback(files, wandb),
-                               SharedStorageWatch(sweep.base.distributed.storage_path, checked_nodes), view],
+                               SharedStorageWatch(sweep.base.distributed.storage_path, checked_nodes), view,
+                               SchedulerState(scheduler)],
                     progress_reporter=_progress_reporter()),
             )
         started = time.time()
-        tuner.fit()  # on Ctrl-C Tune saves the experiment's state and returns early
+        try:
+            tuner.fit()  # on Ctrl-C Tune saves the experiment's state and returns early
+        finally:
+            if address and (released := release_leftovers(ray.get_runtime_context().get_job_id())):
+                con.event(released)
         names = {t.name for t in sweep.trials}
         rows = read_trial_summaries(files.local) if (files.local / RESULTS_DIR).is_dir() else []
         # an ERROR row from before this run belongs to a trial the resumed searcher handed out again: not ended yet

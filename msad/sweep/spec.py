@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from msad import storage
 from msad.config import (
     Config,
     absolute_config,
@@ -29,7 +30,6 @@ from msad.config import (
     resolve_dotted_paths,
     resolve_paths,
 )
-from msad.engine import storage
 from msad.errors import UserError
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")

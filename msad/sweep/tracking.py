@@ -55,7 +55,7 @@ from msad import console
 from msad.config import TrackingConfig
 from msad.errors import UserError
 from msad.sweep.experiment_files import ExperimentFiles
-from msad.sweep.report import REPLICATE_KEYS, TrialSummary
+from msad.sweep.trials import REPLICATE_KEYS, TrialSummary
 
 MODES = ("online", "offline", "disabled")
 LEGACY_MODES = {"dryrun": "offline", "run": "online"}  # values older wandb releases accept in WANDB_MODE
@@ -471,7 +471,8 @@ def log_report_run(tracking: TrackingConfig, experiment_name: str, files: Experi
     import wandb
 
     from msad.sweep.compare import TABLE_COLUMNS, comparisons, table_rows
-    from msad.sweep.report import REPORT_PLOT, raw_table, read_trial_summaries
+    from msad.sweep.report import REPORT_PLOT, raw_table
+    from msad.sweep.trials import read_trial_summaries
 
     summaries = read_trial_summaries(files.local)
     columns, rows = raw_table(summaries)
