@@ -14,7 +14,7 @@ would take hours.
 
 Which student ASHA keeps depends on the order in which students reach a rung, so one ASHA run says little. The
 replay mode answers "how often" from one grid run: every student's recorded results are fed, in many random
-arrival orders, to the scheduler the sweep would build (`msad.sweep.runner.make_scheduler`, i.e. Ray's ASHA with
+arrival orders, to the scheduler the sweep would build (`msad.sweep.search.make_scheduler`, i.e. Ray's ASHA with
 the students-only rules, with the grace period and reduction factor of `--sweep`'s scheduler), ranking by each
 `--metric` given, and it counts how often the grid's best student (by final AP) survives, and how often the
 survivors include one whose final AP is within `--tie` of the best:
@@ -40,7 +40,7 @@ from ray.tune.schedulers import TrialScheduler
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from msad.sweep.runner import make_scheduler  # noqa: E402
+from msad.sweep.search import make_scheduler  # noqa: E402
 from msad.sweep.spec import load_sweep  # noqa: E402
 from msad.sweep.trials import read_trial_summaries  # noqa: E402
 

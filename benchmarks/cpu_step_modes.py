@@ -38,9 +38,9 @@ from msad.build import build_model, build_optimizer, build_teacher, build_train_
 from msad.config import Config, config_from_dict, deep_merge, load_yaml_with_bases, parse_overrides  # noqa: E402
 from msad.data.transforms import Batch, Collate  # noqa: E402
 from msad.engine.compilation import use_shared_compile_cache  # noqa: E402
+from msad.engine.in_process import LocalContext  # noqa: E402
 from msad.engine.loop import train_step  # noqa: E402
 from msad.engine.precision import device_facts  # noqa: E402
-from msad.engine.trainer import LocalContext  # noqa: E402
 from msad.models.distiller import Distiller  # noqa: E402
 from msad.models.student import KDWarmup, MSADStudent  # noqa: E402
 from msad.models.trainable import Trainable  # noqa: E402

@@ -56,8 +56,8 @@ from msad.build import (  # noqa: E402
 )
 from msad.config import Config, load_config  # noqa: E402
 from msad.data.transforms import Batch  # noqa: E402
+from msad.engine.in_process import LocalContext  # noqa: E402
 from msad.engine.loop import RESULTS_FILE, evaluate, run_training, train_step  # noqa: E402
-from msad.engine.trainer import LocalContext  # noqa: E402
 from msad.models.detector import HIGH_LEVELS, pyramid_features  # noqa: E402
 from msad.models.trainable import loss_terms  # noqa: E402
 

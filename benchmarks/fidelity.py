@@ -43,8 +43,8 @@ from msad.config import Config, load_config
 from msad.data.coco import CocoDetection
 from msad.engine.bootstrap import Replicates, seed_averaged_difference
 from msad.engine.evaluate import coco_evaluate
+from msad.engine.in_process import LocalContext
 from msad.engine.loop import BOOTSTRAP_FILE, RESULTS_FILE, evaluate, run_training
-from msad.engine.trainer import LocalContext
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cpu_base.yaml"
 REFERENCE_BATCH, REFERENCE_LR = 8, 0.01  # cpu_base.yaml's lr is for batch 8; other batches scale it linearly

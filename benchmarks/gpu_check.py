@@ -270,8 +270,8 @@ def conv_output_dtypes() -> Iterator[set[str]]:
 def check_amp(plan: Plan, amp: str) -> tuple[dict[str, Any], str]:
     """A teacher trained in this process under autocast (the loop's own AMP path and GradScaler for fp16)."""
     from msad.build import resolve_data_paths
+    from msad.engine.in_process import LocalContext
     from msad.engine.loop import run_training
-    from msad.engine.trainer import LocalContext
 
     effective = "off" if plan.dry_run else amp
     cfg = run_config(plan, "teacher", f"amp_{amp}", amp=effective)
@@ -405,9 +405,9 @@ def check_precision_steps(plan: Plan) -> tuple[dict[str, Any], str]:
     and what `train.amp: auto` picks here: the evidence for auto's rule (msad/engine/precision.py)."""
     from msad.build import build_model, build_optimizer
     from msad.config import config_from_dict, deep_merge, parse_overrides
+    from msad.engine.in_process import LocalContext
     from msad.engine.loop import train_step
     from msad.engine.precision import choose_amp, device_facts
-    from msad.engine.trainer import LocalContext
 
     base = run_config(plan, "teacher", "precision_steps")
     batch = first_batch(base).to(plan.device)
@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from msad.engine.trainer import init_ray
+    from msad.engine.cluster import init_ray
 
     ray_start = time.perf_counter()
     init_ray(None)

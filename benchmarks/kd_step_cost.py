@@ -38,8 +38,8 @@ from msad.build import build_optimizer, build_train_dataset, build_trainable, re
 from msad.checkpoint import CHECKPOINT_FILE
 from msad.config import Config, config_from_dict, deep_merge, load_config, parse_overrides
 from msad.data.transforms import Batch, collate
+from msad.engine.in_process import LocalContext
 from msad.engine.loop import run_training, train_step
-from msad.engine.trainer import LocalContext
 from msad.models.distiller import Distiller
 
 REPO = Path(__file__).resolve().parents[1]

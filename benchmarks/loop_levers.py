@@ -33,8 +33,8 @@ def child(role: str, iterations: int, overrides: list[str], out: Path) -> None:
     from cpu_step_modes import quickstart_config
 
     from msad.build import resolve_data_paths
+    from msad.engine.in_process import LocalContext
     from msad.engine.loop import run_training
-    from msad.engine.trainer import LocalContext
 
     cfg = quickstart_config(role, [f"train.iterations={iterations}", f"train.checkpoint_period={iterations}",
                                    "train.log_period=10", "train.eval_period=0", "train.base_lr=0.01",

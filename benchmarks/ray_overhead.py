@@ -38,8 +38,10 @@ import torch
 
 from msad.build import DataPaths, resolve_data_paths
 from msad.config import Config, config_from_dict, load_config
+from msad.engine.cluster import init_ray
+from msad.engine.in_process import LocalContext
 from msad.engine.loop import RayWorkerContext, run_training
-from msad.engine.trainer import LocalContext, fit, init_ray
+from msad.engine.trainer import fit
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -35,8 +35,9 @@ from msad.build import build_model, build_optimizer, build_train_dataset, build_
 from msad.checkpoint import checkpoint_config, load_checkpoint
 from msad.config import Config, load_config
 from msad.data.transforms import Collate, collate
+from msad.engine.in_process import LocalContext
 from msad.engine.loop import evaluate, train_step
-from msad.engine.trainer import LocalContext, fit
+from msad.engine.trainer import fit
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -193,7 +193,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(_existing_file(args.config, "config file"), args.overrides)
     weights = args.weights
     _existing_file(weights, "checkpoint")
-    from msad.engine.trainer import evaluate_checkpoint
+    from msad.engine.in_process import evaluate_checkpoint
 
     output = Path(args.output) if args.output else Path("eval") / Path(weights.partition("?")[0]).parent.name
     metrics = evaluate_checkpoint(cfg, weights, output_dir=output, branch=args.branch)

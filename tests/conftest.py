@@ -59,7 +59,7 @@ def ray_session() -> Iterator[None]:
     """A real local Ray shared by every test that needs one (start-up costs seconds; pay it once)."""
     import ray
 
-    from msad.engine.trainer import API_SERVER_ENV_VAR, start_local_ray
+    from msad.engine.cluster import API_SERVER_ENV_VAR, start_local_ray
 
     start_local_ray(num_cpus=4, log_to_driver=False, configure_logging=False)
     try:

@@ -201,7 +201,7 @@ TWO_RAYS = textwrap.dedent("""
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.util.state import list_placement_groups
-    from msad.engine.trainer import start_local_ray
+    from msad.engine.cluster import start_local_ray
 
     if sys.argv[1] == "msad":
         start_local_ray(num_cpus=3, log_to_driver=False)

@@ -142,8 +142,8 @@ def test_validation_loss_is_the_detection_loss_on_the_val_images(tmp_path: Path,
 
     from msad.build import build_model, build_val_dataset, resolve_data_paths
     from msad.data.transforms import collate
+    from msad.engine.in_process import LocalContext
     from msad.engine.loop import evaluate
-    from msad.engine.trainer import LocalContext
     from msad.models.distiller import Distiller
     from msad.models.student import KDWarmup
     from msad.models.trainable import loss_terms

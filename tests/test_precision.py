@@ -15,9 +15,9 @@ from conftest import REPO, make_tiny_config
 from msad.build import resolve_data_paths
 from msad.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 from msad.engine.compilation import AUTO_MIN_ITERATIONS, choose_compile
+from msad.engine.in_process import LocalContext
 from msad.engine.loop import run_training
 from msad.engine.precision import DeviceFacts, choose_amp, cpu_has_native_bf16, device_facts, gpu_facts
-from msad.engine.trainer import LocalContext
 
 # The rule, written out by hand: (device, requested) -> resolved. GPUs: bf16 from compute capability 8.0 (A100)
 # on; 7.0 (V100) and 7.5 (T4) have no bf16 units, so auto trains them in fp32.

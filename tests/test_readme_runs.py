@@ -95,6 +95,12 @@ def test_readme_training_runs_as_written(tmp_path: Path, shapes_cache: Path) -> 
     assert len(shown) <= 5 and any(f"] eval  it {ITERATIONS}/{ITERATIONS}  AP " in line for line in shown), shown
     assert any("] teacher-w0.25-h256 [" in line and f"] {ITERATIONS}/{ITERATIONS}  " in line for line in shown)
     assert "Started a local Ray instance" in log.read_text() and all(line in log.read_text() for line in shown)
+    # each started a Ray of its own (not the cluster started separately, not each other's): its own dashboard
+    neighbour_log = (work / "runs" / "neighbour" / "train.log").read_text()
+    dashboards = [re.findall(r"View the dashboard at \S*?(127\.0\.0\.1:\d+)", text)
+                  for text in (log.read_text(), neighbour_log)]
+    assert all(len(found) == 1 for found in dashboards) and dashboards[0] != dashboards[1], dashboards
+    assert "Connecting to existing Ray cluster" not in log.read_text() + neighbour_log
 
     student_out = finish(launch(work, [*at_tiny_iteration, *tiny], env), "README student (relative teacher path)")
     student_summary = json.loads(student_out[student_out.index("{"):])
@@ -102,9 +108,36 @@ def test_readme_training_runs_as_written(tmp_path: Path, shapes_cache: Path) -> 
 
     eval_argv = [arg.replace("checkpoint_0000300", f"checkpoint_{ITERATIONS:07d}") for arg in eval_cmd]
     metrics = json.loads(finish(launch(work, [*eval_argv, *tiny], env), "README eval of the student"))
-    assert metrics["role"] == "student" and 0.0 <= metrics["AP"] <= 1.0
+    assert metrics["role"] == "student"
+    # the AP eval printed is pycocotools' AP of the detections it wrote, on the val annotations
+    results = json.loads((work / "eval" / f"checkpoint_{ITERATIONS:07d}" / "coco_results.json").read_text())
+    assert metrics["AP"] == pytest.approx(_pycocotools_ap(work, tiny, results), abs=1e-6)
     finish(launch(work, ["export", student_summary["checkpoint"], "--output", "student.pt"], env), "export")
     assert (work / "student.pt").is_file()
+
+
+def _pycocotools_ap(work: Path, overrides: list[str], results: list[dict]) -> float:
+    """COCO box AP of `results` on the val annotations of the README's student config, with pycocotools alone, in the
+    unit msad reports (a fraction); 0 when there is no detection."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from msad.build import resolve_data_paths
+    from msad.config import load_config
+
+    paths = resolve_data_paths(load_config(work / "configs" / "student_w025_cpu.yaml", overrides).data)
+    if not results:
+        return 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(paths.val_annotations))
+        check = COCOeval(truth, truth.loadRes(results), "bbox")
+        check.evaluate()
+        check.accumulate()
+        check.summarize()
+    return max(float(check.stats[0]), 0.0)
 
 
 @pytest.mark.parametrize("address, message", [

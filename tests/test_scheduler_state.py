@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 from ray.tune.schedulers import TrialScheduler
 
-from msad.sweep.runner import SchedulerState, StudentASHA
+from msad.sweep.search import SchedulerState, StudentASHA
 
 
 def _student(trial_id: str) -> SimpleNamespace:

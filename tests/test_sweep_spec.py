@@ -241,7 +241,7 @@ def test_one_seed_keeps_plain_names_and_bad_seed_or_resolution_lists_are_refused
 
 def test_students_wait_for_the_teacher_of_their_own_seed_and_baselines_wait_for_nothing(tmp_path: Path) -> None:
     """The searcher alone (no Ray): what it hands out, in order, as trials end."""
-    from msad.sweep.runner import TeacherFirstSearcher
+    from msad.sweep.search import TeacherFirstSearcher
 
     path = write(tmp_path, """
 name: t
@@ -275,7 +275,7 @@ def test_asha_never_stops_the_student_without_distillation() -> None:
 
     from ray.tune.schedulers import TrialScheduler
 
-    from msad.sweep.runner import StudentASHA
+    from msad.sweep.search import StudentASHA
 
     asha = StudentASHA(time_attr="iteration", metric="AP", mode="max", max_t=10, grace_period=2,
                        reduction_factor=2, stop_last_trials=False)

@@ -150,7 +150,7 @@ def tune_run(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Pat
     the driver's environment."""
     from ray import cloudpickle, tune
 
-    from msad.sweep.runner import TrialSummaryCallback
+    from msad.sweep.callbacks import TrialSummaryCallback
 
     storage = tmp_path_factory.mktemp("tune")
     experiment_dir = storage / "exp"

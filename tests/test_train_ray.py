@@ -116,8 +116,8 @@ def test_student_teacher_guards_before_workers(tiny_config, teacher_run, tmp_pat
 
 def test_non_finite_loss_stops_with_iteration_and_term(tiny_config, tmp_path: Path, shapes_cache: Path) -> None:
     from msad.build import resolve_data_paths
+    from msad.engine.in_process import LocalContext
     from msad.engine.loop import NonFiniteLossError, run_training
-    from msad.engine.trainer import LocalContext
 
     cfg = tiny_config(tmp_path, shapes_cache, "fcos", "nan", "train.base_lr=1e30", "train.warmup_iters=0",
                "train.iterations=20", "train.lr_steps=[]", "train.checkpoint_period=20")

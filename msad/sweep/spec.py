@@ -2,9 +2,10 @@
 
 Grids are expanded and samples drawn here, once, from the spec's seed: the list of trials is a pure function of
 the file, so a resumed sweep sees exactly the same trials. Each trial carries everything it needs (its whole msad
-config), and a student names the teacher group (width, and seed when there are several) it depends on; the runner
-fills in the checkpoint path. `seeds: [0, 1, 2]` replicates every trial per training seed (`train.seed`); a
-student distils from the teacher of its own seed, so each seed is an independent run of the whole method.
+config), and a student names the teacher group (width, and seed when there are several) it depends on; the searcher
+(`msad.sweep.search`) fills in the checkpoint path. `seeds: [0, 1, 2]` replicates every trial per training seed
+(`train.seed`); a student distils from the teacher of its own seed, so each seed is an independent run of the whole
+method.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class TrialSpec:
     kd_alpha: float | None  # students only
     kd_temperature: float | None
     config: dict[str, Any]
-    teacher_checkpoint: str | None = None  # given by the spec (students-only sweeps); else filled in by the runner
+    teacher_checkpoint: str | None = None  # given by the spec (students-only sweeps); else filled in by the searcher
     seed: int = 0  # train.seed
     teacher_group: str = ""  # teachers and their students share it: "w0.25", or "w0.25-s1" with several seeds
     resolution: str = ""  # the report's Resolution: "H & L" (teacher), "L" (student), "H" or "L" (baseline)

@@ -1,5 +1,6 @@
-"""A sweep's record of its trials: one JSON summary per trial (`TrialSummary`), written by the runner, read by the
-report (`msad.sweep.report`), the comparisons (`msad.sweep.compare`) and W&B (`msad.sweep.tracking`).
+"""A sweep's record of its trials: one JSON summary per trial (`TrialSummary`), written by the sweep's driver
+(`msad.sweep.callbacks`), read by the report (`msad.sweep.report`), the comparisons (`msad.sweep.compare`) and W&B
+(`msad.sweep.tracking`).
 
 Each finished, failed or stopped trial writes `EXPERIMENT_DIR/results/<trial name>.json`; `read_trial_summaries`
 reads them all, so a report can be made at any time, from a sweep still running or one resumed.
