@@ -9,6 +9,7 @@ keeps is read back with Ray's own `ray list` CLI, not with msad's code.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 from conftest import free_port, make_tiny_config, tiny_sweep
 from ray_nodes import BIN, RayNode, ray_list, wait_for_dashboard
 
-from msad.engine.placement import NodeShape, placeable_workers, unplaceable
+from msad.engine.placement import NodeShape, placeable_workers, still_to_add, unplaceable
 from msad.errors import RunFailedError
 from msad.sweep.trials import read_trial_summaries
 
@@ -57,6 +58,20 @@ def test_placeable_workers_are_counted_per_node(shapes: list[NodeShape], workers
     assert placeable_workers(shapes, bundle, DRIVER, workers) == expected
     line = unplaceable("trial t", workers, bundle, DRIVER, shapes)
     assert (line is None) == (expected >= workers)
+
+
+def test_nodes_up_are_not_counted_twice_with_the_autoscalers_types() -> None:
+    """A type's maximum counts its nodes that are up (as Ray's own check reads it): the `ray up` head of 2 CPUs,
+    whose type allows 1 node, adds nothing, so the worker of 2 CPUs is still refused."""
+    head_type = NodeShape("node type head", {"CPU": 2.0, "GPU": 0.0}, 1, autoscaled=True)
+    workers = _node(8, 1, count=3, autoscaled=True)
+    shapes = [_head(2), _node(8, 1), *still_to_add([_head(2), _node(8, 1)], [head_type, workers])]
+    assert [(s.name, s.count) for s in shapes if s.autoscaled] == [("worker", 2)]
+    assert placeable_workers(shapes, {"CPU": 2}, DRIVER, 1) == 1  # on a GPU worker node
+    assert unplaceable("t", 1, {"CPU": 2, "GPU": 0}, DRIVER, [_head(2), *still_to_add([_head(2)], [head_type])])
+    assert still_to_add([], [dataclasses.replace(workers, count=None)])[0].count is None  # unlimited stays so
+    # negative control: the types added on top of the nodes up would count the head twice and let it through
+    assert unplaceable("t", 1, {"CPU": 2, "GPU": 0}, DRIVER, [_head(2), head_type]) is None
 
 
 def test_the_unplaceable_line_names_the_trial_its_ask_and_the_largest_node() -> None:

@@ -11,6 +11,7 @@ sweep's trial drivers) taken off the head first.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -47,7 +48,20 @@ def cluster_shapes() -> list[NodeShape]:
     shapes = [NodeShape(f"{n['NodeManagerAddress']} ({n['NodeID'][:12]})", dict(n.get("Resources", {})),
                         head=HEAD_NODE_RESOURCE in n.get("Resources", {}))
               for n in ray.nodes() if n.get("Alive")]
-    return shapes + autoscaled_shapes()
+    return shapes + still_to_add(shapes, autoscaled_shapes())
+
+
+def still_to_add(up: list[NodeShape], types: list[NodeShape]) -> list[NodeShape]:
+    """The autoscaler's node types less the nodes of each type already up (a type's maximum counts them too, as
+    Ray's own check reads it): a node up is matched to the first type with the same CPUs and GPUs."""
+    left = {i: t.count for i, t in enumerate(types)}
+    for node in up:
+        for i, t in enumerate(types):
+            same = all(node.resources.get(r, 0.0) == t.resources.get(r, 0.0) for r in CHECKED)
+            if same and left[i] != 0:
+                left[i] = None if left[i] is None else left[i] - 1
+                break
+    return [dataclasses.replace(t, count=left[i]) for i, t in enumerate(types) if left[i] != 0]
 
 
 def autoscaled_shapes() -> list[NodeShape]:
