@@ -241,12 +241,15 @@ class Fidelity:
             if "student" in runs:
                 self.train(f"student{tag}", f"MSAD student at L (alpha 0.2, T 3; L: {mode})",
                            [*student, "train.kd_alpha=0.2", "train.kd_temperature=3.0"])
+        baseline_iterations = self.args.baseline_iterations or self.args.iterations
+        longer = (schedule_overrides(baseline_iterations, self.args.batch)
+                  if baseline_iterations != self.args.iterations else [])
         if "fcos_h" in runs:
-            self.train("fcos_h", "plain FCOS at H (256)", ["train.role=fcos"])
+            self.train("fcos_h", f"plain FCOS at H (256; {baseline_iterations} it)", ["train.role=fcos", *longer])
         if "fcos_l" in runs:
-            self.train("fcos_l", "plain FCOS at L (128, resized directly)",
+            self.train("fcos_l", f"plain FCOS at L (128, resized directly; {baseline_iterations} it)",
                        ["train.role=fcos", "data.train_short_sides=[128]", "data.test_short_side=128",
-                        "data.max_size=192", "data.size_divisibility=128"])
+                        "data.max_size=192", "data.size_divisibility=128", *longer])
         self.write()
 
     def write(self) -> None:
@@ -309,6 +312,8 @@ def claims(runs: list[tuple[int, list[Score]]]) -> Iterator[str]:
     yield from compare("teacher", "teacher:high", "fused teacher beats its H-only branch")
     yield from compare("student", "student_nokd", "MSAD student beats the no-KD student")
     yield from compare("teacher", "student", "teacher (H & L) stays ahead of the MSAD student")
+    yield from compare("student", "fcos_l", "MSAD student beats plain FCOS at L")
+    yield from compare("student_nokd", "fcos_l", "no-KD student beats plain FCOS at L")
     yield from compare("student_scratch", "fcos_l", "L on P2..P6 (student layout, random init) beats plain FCOS at L")
     yield from compare("student_nokd", "student_scratch", "initialising the student from the teacher helps (no KD)")
     yield from compare("teacher_aa", "teacher", "antialias L beats nearest L (teacher, fused)")
@@ -356,6 +361,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher-iterations", type=int, default=None,
                         help="train the teacher longer than the other runs (default: --iterations), so that it stays "
                         "ahead of students that start from it")
+    parser.add_argument("--baseline-iterations", type=int, default=None,
+                        help="train the plain FCOS baselines this long (default: --iterations); teacher + student "
+                        "iterations compare the student with a baseline that had the same training budget")
     parser.add_argument("--seed", type=int, default=0, help="training seed (weights init and data order)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="config overrides for every run, e.g. model.fusion_init=original")
