@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -25,6 +26,22 @@ def _init_conv(conv: nn.Conv2d) -> None:
     # Detectron2 / maskrcnn-benchmark FPN init ("c2_xavier_fill"): kaiming uniform with a=1, zero bias.
     nn.init.kaiming_uniform_(conv.weight, a=1)
     nn.init.zeros_(conv.bias)
+
+
+def strided_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)`` for the stride-2 P6 / P7 convs, in fp32 where torch's bf16 CPU kernel is wrong.
+
+    In torch 2.14.1 on CPU, the bf16 weight gradient of a stride-2 conv with a kernel larger than 1 is garbage when
+    its input is one column wide: it reads memory it never wrote, so it differs from run to run and is often NaN
+    (both the oneDNN and the native kernels; input gradient and forward are right). P7's input is one column wide
+    whenever a padded batch is at most 64 px wide, e.g. plain FCOS at L = 64. That one case runs in fp32 (a
+    1-column map: no measurable cost); everything else keeps its autocast, and inference is untouched.
+    """
+    if (x.shape[-1] == 1 and x.device.type == "cpu" and torch.is_grad_enabled() and conv.weight.requires_grad
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        with torch.autocast("cpu", enabled=False):
+            return conv(x.float())
+    return conv(x)
 
 
 class FeaturePyramid(nn.Module):
@@ -91,9 +108,9 @@ class FeaturePyramid(nn.Module):
                     break
         p6_name, p7_name = f"p{top + 1}", f"p{top + 2}"
         if self.p6 is not None and self.p7 is not None and (p6_name in wanted or p7_name in wanted):
-            p6 = self.p6(feats[f"res{top}"])
+            p6 = strided_conv(self.p6, feats[f"res{top}"])
             if p6_name in wanted:
                 outputs[p6_name] = p6
             if p7_name in wanted:
-                outputs[p7_name] = self.p7(F.relu(p6))
+                outputs[p7_name] = strided_conv(self.p7, F.relu(p6))
         return {name: outputs[name] for name in self.level_names if name in outputs}
