@@ -173,6 +173,9 @@ class DistributedConfig:
     # how long a run's workers may wait for their resources (a busy cluster, a node the autoscaler adds, a lost
     # node's replacement) before the run fails in one line naming what it asked; each start of the workers waits
     worker_start_timeout_s: float = 600.0
+    # how long an object-store operation (checkpoint upload, a run's files, a teacher download) is retried while
+    # the store fails (an outage), before the run fails in one line naming the file
+    storage_retry_s: float = 300.0
 
 
 @dataclass
@@ -513,6 +516,8 @@ def validate(cfg: Config) -> Config:
     _check(dist.max_failures >= -1, "distributed.max_failures", dist.max_failures, "an integer >= -1 (-1 = forever)")
     _check(dist.worker_start_timeout_s >= 3, "distributed.worker_start_timeout_s", dist.worker_start_timeout_s,
            "a number of seconds >= 3")
+    _check(dist.storage_retry_s >= 0, "distributed.storage_retry_s", dist.storage_retry_s,
+           "a number of seconds >= 0 (0 = fail at the first error)")
     _check(bool(dist.run_name) and "/" not in dist.run_name, "distributed.run_name", dist.run_name,
            "a non-empty name without '/'")
     return cfg

@@ -3,16 +3,145 @@
 Ray Train writes checkpoints there itself (pyarrow filesystems); this module covers the few files msad reads and
 writes beside them (the run's config, final metrics, a teacher checkpoint a student needs), with the same URI rules
 as Ray: `pyarrow.fs.FileSystem.from_uri`, so query options such as `endpoint_override` work for MinIO-like servers.
+
+An object store can be down for a while (an outage, a network partition): every object-store operation here is
+retried with backoff for `distributed.storage_retry_s`, then fails in one line naming the file and the setting.
+Each process says once that the store is failing and once that it is back, not once per attempt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any, TypeVar
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
+from msad import console
 from msad.files import cache_root, write_atomically
+
+T = TypeVar("T")
+DEFAULT_RETRY_S = 300.0  # distributed.storage_retry_s
+_retry_s = DEFAULT_RETRY_S
+
+
+class StorageUnavailableError(OSError):
+    """An object-store operation kept failing for the whole retry window."""
+
+
+def set_retry_window(seconds: float) -> None:
+    """How long object-store operations of this process are retried (`distributed.storage_retry_s`)."""
+    global _retry_s
+    _retry_s = float(seconds)
+
+
+class _Outage:
+    """Says once per outage that the object store fails, and once that it answers again. An outage that ended is
+    also published to the Ray cluster this process belongs to (`published_outages`): Train workers, Train's
+    controller and trial drivers log elsewhere, and the sweep's terminal should hear of it."""
+
+    since: float | None = None  # wall time the current outage began in this process
+    first: tuple[str, str] = ("", "")  # what failed first in it, and how
+    count = 0  # outages this process came through
+    said_until = 0.0  # wall time up to which the outage last warned about lasted (inf while it lasts)
+
+    @classmethod
+    def failed(cls, what: str, err: OSError, retry_s: float) -> None:
+        if cls.since is not None:
+            return
+        cls.since, cls.first = time.time(), (what, first_line(err))
+        if cls.since > cls.said_until + SAME_OUTAGE_S:
+            console.current().warn(f"the object store failed ({what}: {first_line(err)}); msad retries for up to "
+                                   f"{retry_s:.0f} s (distributed.storage_retry_s) and keeps training")
+        cls.said_until = float("inf")
+
+    @classmethod
+    def answered(cls) -> None:
+        if cls.since is None:
+            return
+        now = time.time()
+        console.current().event(f"the object store answers again after {now - cls.since:.0f} s")
+        cls.count += 1
+        _publish({"start": cls.since, "seconds": now - cls.since, "what": f"{cls.first[0]}: {cls.first[1]}"},
+                 cls.count)
+        cls.since, cls.said_until = None, now
+
+
+SAME_OUTAGE_S = 30.0  # failures this close to an outage already told are the same outage
+OUTAGE_KEY_PREFIX = "msad-storage-outage-"
+
+
+def _publish(record: dict[str, float | str], count: int) -> None:
+    """Put an ended outage in the Ray cluster's key-value store, when this process is part of one."""
+    try:
+        import ray
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        if ray.is_initialized():
+            key = f"{OUTAGE_KEY_PREFIX}{socket.gethostname()}-{os.getpid()}-{count}"
+            _internal_kv_put(key, json.dumps(record), namespace="msad")
+    except Exception:  # noqa: BLE001 (telling of an outage must never fail the work that came through it)
+        pass
+
+
+def published_outages() -> dict[str, dict[str, float | str]]:
+    """Every outage the processes of this Ray cluster came through, by key (nothing without Ray)."""
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+    if not ray.is_initialized():
+        return {}
+    keys = _internal_kv_list(OUTAGE_KEY_PREFIX, namespace="msad")
+    return {key.decode(): json.loads(value) for key in keys
+            if (value := _internal_kv_get(key, namespace="msad")) is not None}
+
+
+def notice_outage(record: dict[str, float | str]) -> None:
+    """One warning line for an outage another process came through, unless this process already told of it."""
+    start, seconds = record["start"], record["seconds"]
+    assert isinstance(start, float) and isinstance(seconds, float)
+    if start <= _Outage.said_until + SAME_OUTAGE_S:
+        return
+    console.current().warn(f"the object store failed for {seconds:.0f} s ({record['what']}); training waited and "
+                           "went on: nothing lost")
+    _Outage.said_until = start + seconds
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def retrying(what: str, operation: Callable[[], T], retry_s: float | None = None,
+             sleep: Callable[[float], None] = time.sleep) -> T:
+    """`operation()`, retried with backoff (0.5 s doubling to 10 s) while it raises OSError, for at most `retry_s`
+    (default: this process's `distributed.storage_retry_s`); then a StorageUnavailableError naming `what`. A missing
+    file (FileNotFoundError) is an answer, not an outage: raised at once."""
+    window = _retry_s if retry_s is None else retry_s
+    start, delay = time.monotonic(), 0.5
+    while True:
+        try:
+            result = operation()
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            _Outage.failed(what, err, window)
+            elapsed = time.monotonic() - start
+            if elapsed + delay > window:
+                raise StorageUnavailableError(f"{what}: the object store kept failing for {elapsed:.0f} s "
+                                              f"(distributed.storage_retry_s = {window:g}): {first_line(err)}") from err
+            sleep(delay)
+            delay = min(2 * delay, 10.0)
+        else:
+            _Outage.answered()
+            return result
 
 
 def is_uri(location: str | Path) -> bool:
@@ -48,6 +177,146 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), resolve(location)
 
 
+def ray_storage(location: str) -> tuple[str, pafs.FileSystem | None]:
+    """`storage_path` and `storage_filesystem` for Ray's RunConfig: an object store behind `RetryingHandler`, so that
+    Ray Train's own writes (checkpoint uploads, its checkpoint list) wait out an outage too; a path as it is."""
+    if not is_uri(location):
+        return resolve(location), None
+    _, path = pafs.FileSystem.from_uri(location)
+    return path, pafs.PyFileSystem(RetryingHandler(location, _retry_s))
+
+
+class RetryingHandler(pafs.FileSystemHandler):
+    """An object-store filesystem whose every call is retried through an outage (`retrying`).
+
+    Transfers are whole files, so that a connection cut half-way is retried too: a file opened for writing is
+    spooled locally and put in one retried call when it is closed; a file opened for reading is fetched whole
+    (retried) into a local spool first. Spools stay in memory up to 64 MiB, then go to a temp file.
+    """
+
+    SPOOL_BYTES = 64 << 20
+
+    def __init__(self, location: str, retry_s: float) -> None:
+        self.location, self.retry_s = location, retry_s
+        self._fs: pafs.FileSystem | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray ships RunConfig to its controller and workers
+        return RetryingHandler, (self.location, self.retry_s)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RetryingHandler) and other.location == self.location
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        if self._fs is None:
+            self._fs = pafs.FileSystem.from_uri(self.location)[0]
+        return self._fs
+
+    def _retry(self, what: str, operation: Callable[[], T]) -> T:
+        return retrying(what, operation, self.retry_s)
+
+    def get_type_name(self) -> str:
+        return f"msad-retrying+{self.fs.type_name}"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self._retry(f"looking up {paths[0] if len(paths) == 1 else f'{len(paths)} paths'}",
+                           lambda: self.fs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self._retry(f"listing {selector.base_dir}", lambda: self.fs.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._retry(f"creating {path}", lambda: self.fs.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path: str) -> None:
+        self._retry(f"deleting {path}", lambda: self.fs.delete_dir(path))
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._retry(f"deleting in {path}", lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+
+    def delete_root_dir_contents(self) -> None:
+        self._retry("deleting everything", lambda: self.fs.delete_dir_contents("/", accept_root_dir=True))
+
+    def delete_file(self, path: str) -> None:
+        self._retry(f"deleting {path}", lambda: self.fs.delete_file(path))
+
+    def move(self, src: str, dest: str) -> None:
+        self._retry(f"moving {src}", lambda: self.fs.move(src, dest))
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._retry(f"copying {src}", lambda: self.fs.copy_file(src, dest))
+
+    def _fetch(self, path: str) -> pa.PythonFile:
+        spool = tempfile.SpooledTemporaryFile(max_size=self.SPOOL_BYTES)  # noqa: SIM115 (PythonFile closes it)
+
+        def fetch() -> None:
+            spool.seek(0)
+            spool.truncate()
+            with self.fs.open_input_stream(path, compression=None) as stream:
+                shutil.copyfileobj(stream, spool, 1 << 20)
+
+        self._retry(f"reading {path}", fetch)
+        spool.seek(0)
+        return pa.PythonFile(spool, mode="r")
+
+    def open_input_stream(self, path: str) -> pa.PythonFile:
+        return self._fetch(path)
+
+    def open_input_file(self, path: str) -> pa.PythonFile:
+        return self._fetch(path)
+
+    def open_output_stream(self, path: str, metadata: dict[str, str] | None) -> pa.PythonFile:
+        return pa.PythonFile(_PutOnClose(self, path, metadata), mode="w")
+
+    def open_append_stream(self, path: str, metadata: dict[str, str] | None) -> pa.NativeFile:
+        return self._retry(f"appending to {path}", lambda: self.fs.open_append_stream(path, compression=None,
+                                                                                       metadata=metadata))
+
+
+class _PutOnClose:
+    """A file being written to an object store: spooled, then put whole (retried) when closed."""
+
+    def __init__(self, handler: RetryingHandler, path: str, metadata: dict[str, str] | None) -> None:
+        self.handler, self.path, self.metadata = handler, path, metadata
+        self.spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=handler.SPOOL_BYTES)  # noqa: SIM115
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        return self.spool.write(data)
+
+    def tell(self) -> int:
+        return self.spool.tell()
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+
+        def put() -> None:
+            self.spool.seek(0)
+            with self.handler.fs.open_output_stream(self.path, compression=None, metadata=self.metadata) as stream:
+                shutil.copyfileobj(self.spool, stream, 1 << 20)
+
+        try:
+            self.handler._retry(f"writing {self.path}", put)
+        finally:
+            self.spool.close()
+
+
 def uri_for(fs_path: str, like: str) -> str:
     """Turn a path inside `like`'s filesystem (what Ray's Checkpoint.path holds) back into a full location."""
     if not is_uri(like):
@@ -59,13 +328,19 @@ def uri_for(fs_path: str, like: str) -> str:
 
 def exists(location: str) -> bool:
     fs, path = filesystem(location)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    if not is_uri(location):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return retrying(f"checking {location}", lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
 def read_bytes(location: str) -> bytes:
     fs, path = filesystem(location)
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    return retrying(f"reading {location}", read) if is_uri(location) else read()
 
 
 def write_bytes(location: str, data: bytes) -> None:
@@ -74,8 +349,12 @@ def write_bytes(location: str, data: bytes) -> None:
         write_atomically(Path(location), lambda f: f.write(data))
         return
     fs, path = filesystem(location)
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
+
+    def write() -> None:
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+
+    retrying(f"writing {location}", write)
 
 
 def local_copy(location: str, cache_dir: Path | None = None, sidecars: tuple[str, ...] = ()) -> Path:

@@ -435,8 +435,13 @@ class RayWorkerContext:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, iteration: int) -> None:
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         metrics = {**metrics, "node_id": self.node_id}  # where rank 0 ran (Tune's node_ip is per machine, not node)
-        self._train.report(metrics, checkpoint=checkpoint,
-                           checkpoint_dir_name=f"checkpoint_{iteration:07d}" if checkpoint else None)
+        name = f"checkpoint_{iteration:07d}"
+        try:
+            self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+        except OSError as err:  # the store kept failing for distributed.storage_retry_s: say which checkpoint
+            if checkpoint is None:
+                raise
+            raise storage.StorageUnavailableError(f"{name} was not uploaded: {storage.first_line(err)}") from err
 
     def restore_candidates(self) -> Iterator[Path]:
         latest = self._train.get_checkpoint()
@@ -456,5 +461,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config: {"config": Config as a dict, "data_paths": DataPaths fields as strings, "run_dir": the run's folder}.
     """
     cfg = config_from_dict(config["config"])
+    storage.set_retry_window(cfg.distributed.storage_retry_s)
     paths = DataPaths(**{k: Path(v) for k, v in config["data_paths"].items()})
     run_training(cfg, paths, RayWorkerContext(), run_dir=config.get("run_dir"))

@@ -141,6 +141,7 @@ def fit(cfg: Config, address: str | None = None, callbacks: list[Any] | None = N
 
     from msad.engine.loop import UNEVALUATED_SCORE, train_loop_per_worker
 
+    storage.set_retry_window(cfg.distributed.storage_retry_s)
     paths, run_dir = prepare_run(cfg)
     init_ray(address)
     # Train V2's controller collects the workers' reports at each health-check poll (default every 2 s) and workers
@@ -167,6 +168,7 @@ def fit(cfg: Config, address: str | None = None, callbacks: list[Any] | None = N
     # Ray Train retries a worker group that cannot start without end: 3 starts of a third of the timeout each (one
     # more after a start that fails for a passing reason, a node lost while its workers came up), then the run fails
     os.environ[START_TIMEOUT_ENV_VAR] = f"{d.worker_start_timeout_s / START_ATTEMPTS:g}"
+    storage_path, storage_filesystem = storage.ray_storage(d.storage_path)
     trainer = TorchTrainer(
         train_loop or train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data_paths": {k: str(v) for k, v in asdict(paths).items()},
@@ -176,7 +178,8 @@ def fit(cfg: Config, address: str | None = None, callbacks: list[Any] | None = N
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=d.run_name,
-            storage_path=storage.resolve(d.storage_path),
+            # an object store behind retries: checkpoint uploads and Train's checkpoint list wait out an outage
+            storage_path=storage_path, storage_filesystem=storage_filesystem,
             callbacks=[*(callbacks or []), *([shown.forwarder] if shown else [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not a line per report per worker
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures,
@@ -198,7 +201,10 @@ def fit(cfg: Config, address: str | None = None, callbacks: list[Any] | None = N
         raise failure from None
     finally:
         if log and storage.is_uri(run_dir):
-            storage.write_bytes(storage.join(run_dir, TRAIN_LOG), log.read_bytes())
+            try:
+                storage.write_bytes(storage.join(run_dir, TRAIN_LOG), log.read_bytes())
+            except OSError as err:  # the run's own outcome (or failure) is what the caller needs to hear
+                console.current().warn(f"{TRAIN_LOG} stays at {log}: {storage.first_line(err)}")
     def location(checkpoint: Any) -> str:
         return storage.join(storage.uri_for(checkpoint.path, run_dir), CHECKPOINT_FILE)
 

@@ -32,6 +32,7 @@ class ExperimentFiles:
         self.location = storage.resolve(location)
         self._pending: set[str] = set()
         self._local: Path | None = None
+        self._failing = False
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment: a resumed sweep runs in another process and directory
@@ -71,10 +72,15 @@ class ExperimentFiles:
             try:
                 _copy(source, pafs.LocalFileSystem(), *storage.filesystem(storage.join(self.location, item)))
             except OSError as err:  # pyarrow raises OSError for object-store failures
-                console.current().warn(f"could not upload {source} to {self.location} (kept locally; retried with "
-                                       f"the next upload): {str(err).splitlines()[0][:300]}")
+                if not self._failing:  # one line per outage, not one per file
+                    console.current().warn(f"could not upload {source} to {self.location} (kept locally; retried "
+                                           f"with each later upload and at the end): {storage.first_line(err)}")
+                self._failing = True
                 return False
             self._pending.discard(item)
+        if self._failing:
+            console.current().event(f"the object store answers again: the files that waited are in {self.location}")
+            self._failing = False
         return True
 
     def pull(self, *relative: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from msad import console
+from msad import console, storage
 from msad.console import Pace, ap_text, duration
 from msad.sweep.trials import error_line
 
@@ -102,12 +102,17 @@ class SweepView(Callback):
         self.ended: dict[str, str] = {}  # name -> "done" | "stopped" | "failed"
         self.rates: dict[str, float] = {}  # kind -> seconds per iteration, latest measured
         self.precisions: set[str] = set()  # precision lines already shown
+        self.outages_told: set[str] = set()  # object-store outages of other processes already shown
+        self._outages_read = 0.0
         self.started = time.time()
         self._drawn = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
         # a resumed sweep: trials that were running start again; the clock restarts
         return {**self.__dict__, "running": {}, "started": time.time(), "_drawn": 0.0}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"outages_told": set(), "_outages_read": 0.0, **state})  # views pickled before them
 
     # --- Tune's hooks -------------------------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -123,6 +128,7 @@ class SweepView(Callback):
             return
         progress.record(result)
         self._say_precision(result)
+        self._say_outages()
         pace = progress.pace
         if (rate := pace.seconds_per_iteration()) is not None:
             self.rates[progress.plan.kind] = rate
@@ -144,6 +150,7 @@ class SweepView(Callback):
         progress = self.running.pop(name, None)
         result = trial.last_result or {}
         took = duration(time.time() - progress.pace.started) if progress else "?"
+        self._say_outages()
         if result.get("best_checkpoint"):
             self.ended[name] = "done"
             self._say(f"done    {name}  AP {ap_text(result)} in {took}  ({self._counts()})")
@@ -209,6 +216,16 @@ class SweepView(Callback):
                 self._say(line)
                 if line == result.get("precision") and isinstance(result.get("precision_warning"), str):
                     console.current().warn(result["precision_warning"])
+
+    def _say_outages(self) -> None:
+        """Object-store outages that other processes of the cluster came through during this sweep, once each."""
+        if time.time() - self._outages_read < 1.0:
+            return
+        self._outages_read = time.time()
+        for key, record in storage.published_outages().items():
+            if key not in self.outages_told and float(record["start"]) >= self.started:
+                self.outages_told.add(key)
+                storage.notice_outage(record)
 
     def _say(self, text: str) -> None:
         console.current().event(f"[{console.stamp()}] {text}")

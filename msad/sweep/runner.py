@@ -124,6 +124,7 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
     from msad.sweep.live import SweepView, planned_trial
 
     sweep = load_sweep(spec_path, overrides)
+    storage.set_retry_window(sweep.base.distributed.storage_retry_s)
     experiment_dir = sweep.experiment_dir
     files = ExperimentFiles(experiment_dir)
     exists = storage.exists(experiment_dir)

@@ -1,0 +1,253 @@
+"""An object-store outage mid-sweep changes nothing but the time it takes (issue: faults change nothing).
+
+The sweep stores its experiment in a bucket of a real S3 server (moto) reached through a TCP forwarder that the test
+switches off and on (`tcp_proxy.SwitchableProxy`): connections refused, open ones cut, the store's contents kept,
+as when an endpoint or the network goes down. The outage falls while the teacher trains, on its checkpoint uploads
+and Ray Train's checkpoint list. Pass: the sweep returns, every row, the report, every checkpoint Ray Train
+registered and the W&B runs are in S3, the teacher never restarted (no iteration lost), and the terminal says so in
+one warning line. Then the parts: the driver's own uploads (kept, one line, uploaded after), the retry rule, and a
+store that stays down past `distributed.storage_retry_s`: the run fails in one line naming the checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from conftest import make_tiny_config, terminal_to_file, tiny_sweep
+from tcp_proxy import SwitchableProxy
+
+from msad import console, storage
+from msad.checkpoint import load_checkpoint
+from msad.engine.trainer import fit
+from msad.errors import RunFailedError
+from msad.sweep.experiment_files import ExperimentFiles
+from msad.sweep.runner import run_sweep
+from msad.sweep.trials import read_trial_summaries
+
+TEACHER, STUDENT = "teacher-w0.25-h128", "student-w0.25-l64-kd0.2-t3"
+TEACHER_ITERATIONS = 10
+OUTAGE_S = 15.0  # longer than the S3 client's own retries (6 s: 3 attempts), which hide shorter outages
+
+
+def _through(uri: str, port: int) -> str:
+    head, _, query = uri.partition("?")
+    options = [o for o in query.split("&") if o and not o.startswith("endpoint_override=")]
+    return head + "?" + "&".join([*options, f"endpoint_override=http://127.0.0.1:{port}"])
+
+
+def _wait_for(check, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+def _outage(proxy: SwitchableProxy, direct: str, log: list[str]) -> None:
+    """Off while the teacher trains, from its checkpoint 4 on, for OUTAGE_S."""
+    first = storage.join(direct, "runs", TEACHER, "checkpoint_0000004", "checkpoint.pt")
+    try:
+        _wait_for(lambda: storage.exists(first), "checkpoint 4")
+        proxy.off()
+        log.append("off after checkpoint_0000004")
+        time.sleep(OUTAGE_S)
+    except AssertionError as err:
+        log.append(str(err))
+    finally:
+        proxy.on()
+
+
+@pytest.fixture(scope="module")
+def outage_run(ray_session: None, s3_bucket: str, shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("s3_outage")
+    moto_port = int(s3_bucket.rsplit(":", 1)[1])
+    proxy = SwitchableProxy(moto_port)
+    proxy.on()
+    prefix = f"outage-{time.time_ns()}"
+    direct = storage.join(s3_bucket, prefix, "s3_outage")  # the test reads S3 behind the proxy's back
+    path = tiny_sweep(tmp, shapes_cache, "s3_outage", {
+        "teachers": {"grid": {"model.width": [0.25]}},
+        "students": {"config": {"train": {"iterations": 4, "lr_steps": [3], "eval_period": 4}}},
+        "max_concurrent_trials": 1,
+    }, iterations=TEACHER_ITERATIONS, config={
+        "model": {"width_list": [0.25]},
+        "distributed": {"storage_path": storage.join(_through(s3_bucket, proxy.port), prefix), "num_workers": 1,
+                        "storage_retry_s": 120},
+    })
+    log: list[str] = []
+    watcher = threading.Thread(target=_outage, args=(proxy, direct, log), daemon=True)
+    terminal = tmp / "terminal.txt"
+    with pytest.MonkeyPatch.context() as mp, terminal_to_file(terminal):
+        mp.chdir(tmp)  # the driver's local copy of an S3 experiment: ./runs/<name>
+        watcher.start()
+        run_sweep(path, [])
+    watcher.join(timeout=60)
+    copy = tmp / "experiment-copy"
+    fs, fs_path = storage.filesystem(direct)
+    pafs.copy_files(fs_path, str(copy), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    yield copy, tmp / "runs" / "s3_outage", terminal.read_text(), log
+    proxy.off()
+
+
+def test_the_sweep_ends_with_everything_in_s3_and_no_iteration_lost(outage_run) -> None:
+    copy, local, terminal, log = outage_run
+    assert log == ["off after checkpoint_0000004"], log
+    rows = {row.name: row for row in read_trial_summaries(copy)}  # as stored in S3
+    assert {name: row.status for name, row in rows.items()} == {TEACHER: "TERMINATED", STUDENT: "TERMINATED"}, \
+        {name: row.error for name, row in rows.items()}
+    teacher = load_checkpoint(rows[TEACHER].checkpoint)  # read from S3 (digest checked)
+    assert teacher["iteration"] == TEACHER_ITERATIONS and teacher["resumed_from"] == []  # never restarted
+    assert load_checkpoint(rows[STUDENT].checkpoint)["iteration"] == 4
+    # every checkpoint Ray Train registered is complete in S3: no gap in its list
+    snapshot = json.loads((copy / "runs" / TEACHER / "checkpoint_manager_snapshot.json").read_text())
+    registered = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
+    assert f"checkpoint_{TEACHER_ITERATIONS:07d}" in registered
+    for name in registered:
+        assert load_checkpoint(copy / "runs" / TEACHER / name / "checkpoint.pt")["iteration"] == int(name[-7:])
+    assert (copy / "report.md").read_bytes() == (local / "report.md").read_bytes()  # the final one
+    assert sorted(p.name for p in (copy / "wandb").glob("offline-run-*")) == \
+        sorted(p.name for p in (local / "wandb").glob("offline-run-*")) != []
+    assert sorted(p.name for p in (copy / "results").iterdir()) == sorted(p.name for p in (local / "results").iterdir())
+
+
+def test_each_outage_is_one_warning_line_and_one_line_when_the_store_is_back(outage_run) -> None:
+    _, _, terminal, _ = outage_run
+    warnings = [line for line in terminal.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "object store" in warnings[0], terminal[-3000:]
+    # the first outage hit Ray Train's writes (a checkpoint upload on the worker, or the controller's checkpoint
+    # list): processes that log elsewhere, whose outage the terminal names
+    assert any("nothing lost" in w and "s3_outage/runs/teacher-w0.25-h128" in w for w in warnings), warnings
+    assert "Traceback" not in terminal
+
+
+class Terminal(io.StringIO):
+    def lines(self) -> list[str]:
+        text, _ = self.getvalue(), self.truncate(0)
+        self.seek(0)
+        return text.splitlines()
+
+
+@pytest.fixture
+def terminal(monkeypatch: pytest.MonkeyPatch) -> Terminal:
+    """msad's console lines of this test; this process's record of outages reset (other tests of the session may
+    have come through one)."""
+    for name, value in (("since", None), ("count", 0), ("said_until", 0.0)):
+        monkeypatch.setattr(storage._Outage, name, value)
+    lines = Terminal()
+    monkeypatch.setattr(console, "_current", console.Console(lines, lines))
+    return lines
+
+
+def test_retrying_waits_out_an_outage_saying_so_once(terminal: Terminal, ray_session: None) -> None:
+    attempts, slept = [], []
+
+    def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) <= 3:
+            raise OSError("AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7\nsecond line")
+        return "stored"
+
+    assert storage.retrying("writing s3://b/x", flaky, retry_s=60, sleep=slept.append) == "stored"
+    assert len(attempts) == 4 and slept == [0.5, 1.0, 2.0]  # backoff
+    err = terminal.lines()
+    assert [line for line in err if "warning:" in line] == [
+        "warning: the object store failed (writing s3://b/x: AWS Error NETWORK_CONNECTION during PutObject operation: "
+        "curlCode: 7); msad retries for up to 60 s (distributed.storage_retry_s) and keeps training"]
+    assert sum("answers again" in line for line in err) == 1
+    (record,) = [r for r in storage.published_outages().values() if r["what"].startswith("writing s3://b/x: AWS")]
+    storage.notice_outage(record)  # the same outage, published to the cluster and read back: not said twice
+    assert terminal.lines() == []
+
+
+def test_retrying_gives_up_in_one_line_naming_the_file_and_the_setting(terminal: Terminal) -> None:
+    clock = iter(range(0, 1000, 3))  # each attempt takes 3 s
+
+    def down() -> None:
+        raise OSError("Could not connect to server")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(storage.time, "monotonic", lambda: float(next(clock)))
+        with pytest.raises(storage.StorageUnavailableError) as failed:
+            storage.retrying("uploading checkpoint_0000004 to bucket/run", down, retry_s=10, sleep=lambda s: None)
+    assert str(failed.value).splitlines() == [
+        "uploading checkpoint_0000004 to bucket/run: the object store kept failing for 9 s "
+        "(distributed.storage_retry_s = 10): Could not connect to server"]
+    missing = []
+    with pytest.raises(FileNotFoundError):  # an answer, not an outage: no retry
+        storage.retrying("reading s3://b/none", lambda: missing.append(1) or (_ for _ in ()).throw(
+            FileNotFoundError("Path does not exist")), retry_s=60, sleep=lambda s: None)
+    assert missing == [1]
+
+
+def test_an_outage_of_another_process_reaches_the_terminal_once(terminal: Terminal) -> None:
+    record = {"start": time.time() - 10.0, "seconds": 3.0, "what": "writing b/r/checkpoint_manager_snapshot.json: "
+              "Could not connect"}
+    storage.notice_outage(record)
+    storage.notice_outage({**record, "start": record["start"] + 5})  # another process, the same outage
+    assert terminal.lines() == [
+        "warning: the object store failed for 3 s (writing b/r/checkpoint_manager_snapshot.json: Could not connect); "
+        "training waited and went on: nothing lost"]
+    storage.notice_outage({**record, "start": time.time() + 100.0})  # a new outage
+    assert len(terminal.lines()) == 1
+
+
+def test_experiment_files_wait_for_the_store_and_say_so_once(terminal: Terminal, s3_bucket: str,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep driver's uploads (rows, W&B runs, report) during an outage: kept locally, one line, all uploaded
+    with the first upload after it."""
+    proxy = SwitchableProxy(int(s3_bucket.rsplit(":", 1)[1]))
+    prefix = f"files-{time.time_ns()}"
+    monkeypatch.chdir(tmp_path)
+    files = ExperimentFiles(storage.join(_through(s3_bucket, proxy.port), prefix, "exp"))
+    for item in ("results/teacher.json", "results/student.json", "report.md"):
+        (files.local / item).parent.mkdir(parents=True, exist_ok=True)
+        (files.local / item).write_text(item)
+    direct = storage.join(s3_bucket, prefix, "exp")
+    assert not files.upload("results/teacher.json")  # the proxy is off: the store is unreachable
+    assert not files.upload("results/student.json")
+    assert not storage.exists(storage.join(direct, "results"))
+    proxy.on()
+    try:
+        assert files.upload("report.md")
+    finally:
+        proxy.off()
+    for item in ("results/teacher.json", "results/student.json", "report.md"):
+        assert storage.read_bytes(storage.join(direct, item)) == item.encode()
+    lines = terminal.lines()
+    assert len(lines) == 2 and lines[0].startswith("warning: could not upload") and "answers again" in lines[1]
+
+
+def test_a_checkpoint_upload_that_keeps_failing_fails_the_run_in_one_line(
+        ray_session: None, s3_bucket: str, shapes_cache: Path, tmp_path: Path) -> None:
+    proxy = SwitchableProxy(int(s3_bucket.rsplit(":", 1)[1]))
+    proxy.on()
+    prefix = f"fail-{time.time_ns()}"
+    cfg = make_tiny_config(storage.join(_through(s3_bucket, proxy.port), prefix), shapes_cache, "teacher",
+                           "upload", "distributed.num_workers=1", "distributed.storage_retry_s=2", "train.iterations=8",
+                           "train.lr_steps=[7]", "train.eval_period=8")
+    snapshot = storage.join(s3_bucket, prefix, "upload", "checkpoint_manager_snapshot.json")
+
+    def registered() -> list[str]:
+        if not storage.exists(snapshot):
+            return []
+        return [r["checkpoint_dir_name"] for r in json.loads(storage.read_bytes(snapshot))["checkpoint_results"]]
+
+    # off once Train has registered checkpoint 2: the next thing to reach the store is checkpoint 4's upload
+    watcher = threading.Thread(target=lambda: (_wait_for(lambda: "checkpoint_0000002" in registered(),
+                                                         "checkpoint 2 registered"), proxy.off()), daemon=True)
+    watcher.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(RunFailedError) as failed:
+            fit(cfg)
+    finally:
+        proxy.off()
+    line = str(failed.value)
+    assert len(line.splitlines()) == 1 and time.monotonic() - start < 120
+    assert line.startswith("run s3://") and "failed: rank 0: " in line, line
+    assert "checkpoint_0000004" in line and "distributed.storage_retry_s = 2" in line, line
