@@ -173,3 +173,13 @@ def tiny_sweep(tmp: Path, cache: Path, name: str, body: dict, iterations: int = 
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def weights_difference(a: str | Path, b: str | Path) -> float:
+    """The largest absolute difference between two checkpoints' weights (every tensor, BN statistics included)."""
+    from msad.checkpoint import load_checkpoint
+
+    first, second = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    assert first.keys() == second.keys()
+    return max((first[k].double() - second[k].double()).abs().max().item() for k in first
+               if first[k].is_floating_point() and first[k].numel())

@@ -33,11 +33,17 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from conftest import free_port, tiny_sweep
+import torch
+import yaml
+from conftest import free_port, tiny_sweep, weights_difference
 from ray_nodes import RayNode, ray_list, wait_for_dashboard
 
 from msad import storage
-from msad.checkpoint import load_checkpoint
+from msad.build import resolve_data_paths
+from msad.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
+from msad.config import config_from_dict
+from msad.engine.in_process import LocalContext
+from msad.engine.loop import run_training
 from msad.sweep.trials import read_trial_summaries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +72,7 @@ class ClusterRun:
     report_output: str
     registered: int  # the teacher's last checkpoint that Ray Train had registered when its node was killed
     head: str  # the head's node id
+    code: dict[str, list[str]]  # per worker node: where its Train workers' msad came from ("msad code: ..." lines)
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +136,12 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path, s3
         copy = tmp / "experiment-copy"
         fs, path = storage.filesystem(location)
         pafs.copy_files(path, str(copy), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        code = {name: [line.split("msad code: ", 1)[1].strip()
+                       for log in node.temp_dir.glob("session_*/logs/worker-*.out")
+                       for line in log.read_text(errors="replace").splitlines() if "msad code: " in line]
+                for name, node in (("first", nodes[1]), ("replacement", nodes[2]))}
         yield ClusterRun(location, copy, [wandb_home, *(n.temp_dir for n in nodes), tmp / "head"], output,
-                         report.stdout + report.stderr, registered, head)
+                         report.stdout + report.stderr, registered, head, code)
     finally:
         for node in reversed(nodes):
             if node.proc.poll() is None:
@@ -168,6 +179,29 @@ def test_teacher_resumes_on_a_replacement_node_and_its_student_trains(cluster_ru
     assert first != last and nodes == [first] * nodes.index(last) + [last] * (len(nodes) - nodes.index(last))
     assert cluster_run.head not in nodes
     assert reports[nodes.index(last)][1] == cluster_run.registered + 1
+
+
+def test_the_resumed_teacher_ends_with_the_weights_of_an_undisturbed_run(cluster_run: ClusterRun,
+                                                                       tmp_path: Path) -> None:
+    """The same config trained without a fault (one process, the plain loop): the teacher that lost its node and
+    resumed on another ends with the same weights, to the bit."""
+    run = cluster_run.copy / "runs" / "teacher-w0.25-h128"
+    cfg = config_from_dict(yaml.safe_load((run / CONFIG_FILE).read_text()))  # what the run used, `auto` resolved
+    run_training(cfg, resolve_data_paths(cfg.data), LocalContext(torch.device("cpu"), run_dir=tmp_path))
+    undisturbed = tmp_path / f"checkpoint_{TEACHER_ITERATIONS:07d}" / CHECKPOINT_FILE
+    resumed = run / f"checkpoint_{TEACHER_ITERATIONS:07d}" / CHECKPOINT_FILE
+    assert weights_difference(resumed, undisturbed) == 0.0
+    # negative control: the comparison sees the steps since the checkpoint it resumed from
+    assert weights_difference(resumed, tmp_path / f"checkpoint_{cluster_run.registered:07d}" / CHECKPOINT_FILE) > 1e-6
+
+
+def test_workers_run_the_jobs_working_directory_not_the_installed_checkout(cluster_run: ClusterRun) -> None:
+    """`ray job submit --working-dir .` ships the code: each node's workers import msad from the job's package in
+    that node's own temp dir, not from the checkout this environment has installed (editable)."""
+    assert cluster_run.code["first"] and cluster_run.code["replacement"], cluster_run.code
+    for node, paths in cluster_run.code.items():
+        for path in paths:
+            assert "/runtime_resources/working_dir_files/" in path and not path.startswith(str(REPO)), (node, path)
 
 
 def test_report_lives_with_the_experiment_and_report_reads_it_from_s3(cluster_run: ClusterRun) -> None:

@@ -30,7 +30,7 @@ from msad.sweep.experiment_files import ExperimentFiles
 from msad.sweep.runner import run_sweep
 from msad.sweep.trials import read_trial_summaries
 
-TEACHER, STUDENT = "teacher-w0.25-h128", "student-w0.25-l64-kd0.2-t3"
+TEACHER = "teacher-w0.25-h128"
 TEACHER_ITERATIONS = 10
 OUTAGE_S = 15.0  # longer than the S3 client's own retries (6 s: 3 attempts), which hide shorter outages
 
@@ -71,9 +71,7 @@ def outage_run(ray_session: None, s3_bucket: str, shapes_cache: Path, tmp_path_f
     prefix = f"outage-{time.time_ns()}"
     direct = storage.join(s3_bucket, prefix, "s3_outage")  # the test reads S3 behind the proxy's back
     path = tiny_sweep(tmp, shapes_cache, "s3_outage", {
-        "teachers": {"grid": {"model.width": [0.25]}},
-        "students": {"config": {"train": {"iterations": 4, "lr_steps": [3], "eval_period": 4}}},
-        "max_concurrent_trials": 1,
+        "teachers": {"grid": {"model.width": [0.25]}},  # one trial: what an outage does to a student is the same
     }, iterations=TEACHER_ITERATIONS, config={
         "model": {"width_list": [0.25]},
         "distributed": {"storage_path": storage.join(_through(s3_bucket, proxy.port), prefix), "num_workers": 1,
@@ -98,11 +96,10 @@ def test_the_sweep_ends_with_everything_in_s3_and_no_iteration_lost(outage_run) 
     copy, local, terminal, log = outage_run
     assert log == ["off after checkpoint_0000004"], log
     rows = {row.name: row for row in read_trial_summaries(copy)}  # as stored in S3
-    assert {name: row.status for name, row in rows.items()} == {TEACHER: "TERMINATED", STUDENT: "TERMINATED"}, \
+    assert {name: row.status for name, row in rows.items()} == {TEACHER: "TERMINATED"}, \
         {name: row.error for name, row in rows.items()}
     teacher = load_checkpoint(rows[TEACHER].checkpoint)  # read from S3 (digest checked)
     assert teacher["iteration"] == TEACHER_ITERATIONS and teacher["resumed_from"] == []  # never restarted
-    assert load_checkpoint(rows[STUDENT].checkpoint)["iteration"] == 4
     # every checkpoint Ray Train registered is complete in S3: no gap in its list
     snapshot = json.loads((copy / "runs" / TEACHER / "checkpoint_manager_snapshot.json").read_text())
     registered = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAULT_DIR
+from conftest import FAULT_DIR, weights_difference
 
 from msad.checkpoint import load_checkpoint, save_checkpoint
 from msad.engine.trainer import fit, prepare_run
@@ -127,14 +127,6 @@ def test_non_finite_loss_stops_with_iteration_and_term(tiny_config, tmp_path: Pa
     assert not list((tmp_path / "nan").glob("checkpoint_*"))  # nothing saved from a diverged model
 
 
-def _weights_difference(a: str, b: str) -> float:
-    """The largest absolute difference between two checkpoints' weights (every tensor, BN statistics included)."""
-    first, second = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
-    assert first.keys() == second.keys()
-    return max((first[k].double() - second[k].double()).abs().max().item() for k in first
-               if first[k].is_floating_point() and first[k].numel())
-
-
 def test_a_killed_teacher_worker_resumes_to_identical_weights(tiny_config, teacher_run, tmp_path: Path,
                                                               shapes_cache: Path) -> None:
     """2 workers, one SIGKILLed at iteration 5 (after checkpoint 4): Ray Train restarts both from checkpoint 4, and
@@ -147,9 +139,9 @@ def test_a_killed_teacher_worker_resumes_to_identical_weights(tiny_config, teach
     assert not kill.exists()  # a worker took it, and died
     state = load_checkpoint(result.checkpoint)
     assert state["iteration"] == 6 and state["resumed_from"] == [4]
-    assert _weights_difference(result.checkpoint, undisturbed.checkpoint) == 0.0
+    assert weights_difference(result.checkpoint, undisturbed.checkpoint) == 0.0
     # negative control: the comparison sees one more step (checkpoint 4 vs 6 of the same run)
-    assert _weights_difference(str(Path(result.run_dir) / "checkpoint_0000004" / "checkpoint.pt"),
+    assert weights_difference(str(Path(result.run_dir) / "checkpoint_0000004" / "checkpoint.pt"),
                                undisturbed.checkpoint) > 1e-6
 
 
@@ -167,4 +159,4 @@ def test_a_killed_student_worker_resumes_to_identical_weights_mid_kd_ramp(tiny_c
     assert not kill.exists()
     state = load_checkpoint(killed.checkpoint)
     assert state["iteration"] == 6 and state["resumed_from"] == [2]
-    assert _weights_difference(killed.checkpoint, alone.checkpoint) == 0.0
+    assert weights_difference(killed.checkpoint, alone.checkpoint) == 0.0

@@ -29,6 +29,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+import msad
 from msad import storage
 from msad.build import (
     build_lr_scheduler,
@@ -295,6 +296,8 @@ def run_training(cfg: Config, data_paths: DataPaths, ctx: WorkerContext, run_dir
         unwrap(model).compile_network()
     if ctx.rank == 0:
         print(f"{precision.line()}; {compiled.line()}", flush=True)
+        # which copy of the code this worker runs (a job's --working-dir, or an installed msad): for logs and tests
+        print(f"msad code: {Path(msad.__file__).parent}", flush=True)
     optimizer = build_optimizer(cfg, unwrap(model))
     scheduler = build_lr_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and ctx.device.type == "cuda")
