@@ -183,3 +183,23 @@ def weights_difference(a: str | Path, b: str | Path) -> float:
     assert first.keys() == second.keys()
     return max((first[k].double() - second[k].double()).abs().max().item() for k in first
                if first[k].is_floating_point() and first[k].numel())
+
+
+def train_undisturbed(config_file: Path, run_dir: Path) -> None:
+    """Train a run's config (its config.yaml: `auto` values resolved) in this process, without Ray or faults, with
+    as many torch threads as Ray gives each of its workers (CPU sums depend on the thread count); every checkpoint
+    lands in `run_dir`. The reference of the exact-resume tests."""
+    import torch
+
+    from msad.build import resolve_data_paths
+    from msad.config import config_from_dict
+    from msad.engine.in_process import LocalContext
+    from msad.engine.loop import run_training
+
+    cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(cfg.distributed.cpus_per_worker))
+    try:
+        run_training(cfg, resolve_data_paths(cfg.data), LocalContext(torch.device("cpu"), run_dir=run_dir))
+    finally:
+        torch.set_num_threads(threads)

@@ -33,17 +33,11 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-import torch
-import yaml
-from conftest import free_port, tiny_sweep, weights_difference
+from conftest import free_port, tiny_sweep, train_undisturbed, weights_difference
 from ray_nodes import RayNode, ray_list, wait_for_dashboard
 
 from msad import storage
-from msad.build import resolve_data_paths
 from msad.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
-from msad.config import config_from_dict
-from msad.engine.in_process import LocalContext
-from msad.engine.loop import run_training
 from msad.sweep.trials import read_trial_summaries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,8 +180,7 @@ def test_the_resumed_teacher_ends_with_the_weights_of_an_undisturbed_run(cluster
     """The same config trained without a fault (one process, the plain loop): the teacher that lost its node and
     resumed on another ends with the same weights, to the bit."""
     run = cluster_run.copy / "runs" / "teacher-w0.25-h128"
-    cfg = config_from_dict(yaml.safe_load((run / CONFIG_FILE).read_text()))  # what the run used, `auto` resolved
-    run_training(cfg, resolve_data_paths(cfg.data), LocalContext(torch.device("cpu"), run_dir=tmp_path))
+    train_undisturbed(run / CONFIG_FILE, tmp_path)
     undisturbed = tmp_path / f"checkpoint_{TEACHER_ITERATIONS:07d}" / CHECKPOINT_FILE
     resumed = run / f"checkpoint_{TEACHER_ITERATIONS:07d}" / CHECKPOINT_FILE
     assert weights_difference(resumed, undisturbed) == 0.0

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import terminal_to_file, tiny_sweep
+from conftest import terminal_to_file, tiny_sweep, train_undisturbed, weights_difference
 
-from msad.checkpoint import load_checkpoint
+from msad.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
 from msad.sweep.runner import run_sweep
 from msad.sweep.trials import read_trial_summaries
 
@@ -257,6 +257,12 @@ def test_failed_teacher_reruns_on_resume_then_its_student_and_ctrl_c_resumes(ray
     assert student.teacher_checkpoint == str(Path(teacher.checkpoint).with_name("teacher_sliced.pt"))
     state = load_checkpoint(student.checkpoint)
     assert state["iteration"] == 8 and state["resumed_from"]
+    # stopped (Ctrl-C) and resumed, the student ends with the weights of its config trained without a stop
+    reference = tmp_path / "undisturbed"
+    train_undisturbed(home / "runs" / student_name / CONFIG_FILE, reference)
+    assert weights_difference(student.checkpoint, reference / "checkpoint_0000008" / CHECKPOINT_FILE) == 0.0
+    resumed_from = state["resumed_from"][0]  # negative control: the checkpoint it resumed from differs
+    assert weights_difference(student.checkpoint, reference / f"checkpoint_{resumed_from:07d}" / CHECKPOINT_FILE) > 0
     # the teacher's re-run continued its first W&B run (two offline folders of one run id), as did the student's;
     # every launch that ended also logged the sweep's report run (the only runs with logged tables)
     folders = sorted((home / "wandb").glob("offline-run-*"))
