@@ -4,8 +4,9 @@ Ray Train writes checkpoints there itself (pyarrow filesystems); this module cov
 writes beside them (the run's config, final metrics, a teacher checkpoint a student needs), with the same URI rules
 as Ray: `pyarrow.fs.FileSystem.from_uri`, so query options such as `endpoint_override` work for MinIO-like servers.
 
-An object store can be down for a while (an outage, a network partition): every object-store operation here is
-retried with backoff for `distributed.storage_retry_s`, then fails in one line naming the file and the setting.
+An object store can be down for a while (an outage, a network partition): an object-store operation that fails the
+way an unreachable or overloaded store does is retried with backoff for `distributed.storage_retry_s`, then fails in
+one line naming the file and the setting; other errors (a missing file, a denied access) are raised at once.
 Each process says once that the store is failing and once that it is back, not once per attempt.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -115,6 +117,19 @@ def notice_outage(record: dict[str, float | str]) -> None:
     _Outage.said_until = start + seconds
 
 
+# What pyarrow's S3/GCS clients say when the store is unreachable, overloaded or cut the connection; AWS's own retry
+# classes (NETWORK_CONNECTION, SLOW_DOWN, throttling, 5xx) and libcurl's. Anything else is an answer, not an outage.
+TRANSIENT = re.compile(r"NETWORK_CONNECTION|curlCode|SERVICE_UNAVAILABLE|SLOW_DOWN|THROTTL|INTERNAL_FAILURE|"
+                       r"REQUEST_TIME_?OUT|HTTP status 5\d\d|[Tt]imed? ?out|Connection (reset|refused)|Broken pipe|"
+                       r"Could not connect|Couldn't connect")
+
+
+def transient(err: OSError) -> bool:
+    """Whether `err` looks like an outage (worth retrying) rather than an answer (a missing file, a denied access)."""
+    return not isinstance(err, FileNotFoundError) and (isinstance(err, (ConnectionError, TimeoutError))
+                                                        or bool(TRANSIENT.search(str(err))))
+
+
 def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
@@ -122,16 +137,17 @@ def first_line(err: BaseException) -> str:
 def retrying(what: str, operation: Callable[[], T], retry_s: float | None = None,
              sleep: Callable[[float], None] = time.sleep) -> T:
     """`operation()`, retried with backoff (0.5 s doubling to 10 s) while it raises OSError, for at most `retry_s`
-    (default: this process's `distributed.storage_retry_s`); then a StorageUnavailableError naming `what`. A missing
-    file (FileNotFoundError) is an answer, not an outage: raised at once."""
+    (default: this process's `distributed.storage_retry_s`); then a StorageUnavailableError naming `what`. Only
+    errors of an unreachable or overloaded store are retried: a missing file, a denied access or a wrong bucket are
+    answers, raised at once."""
     window = _retry_s if retry_s is None else retry_s
     start, delay = time.monotonic(), 0.5
     while True:
         try:
             result = operation()
-        except FileNotFoundError:
-            raise
         except OSError as err:
+            if not transient(err):
+                raise
             _Outage.failed(what, err, window)
             elapsed = time.monotonic() - start
             if elapsed + delay > window:

@@ -174,11 +174,20 @@ def test_retrying_gives_up_in_one_line_naming_the_file_and_the_setting(terminal:
     assert str(failed.value).splitlines() == [
         "uploading checkpoint_0000004 to bucket/run: the object store kept failing for 9 s "
         "(distributed.storage_retry_s = 10): Could not connect to server"]
-    missing = []
-    with pytest.raises(FileNotFoundError):  # an answer, not an outage: no retry
-        storage.retrying("reading s3://b/none", lambda: missing.append(1) or (_ for _ in ()).throw(
-            FileNotFoundError("Path does not exist")), retry_s=60, sleep=lambda s: None)
-    assert missing == [1]
+    # answers, not outages: raised at the first attempt (a wrong key must not wait 300 s to say so)
+    for answer in (FileNotFoundError("Path does not exist 'b/none'"),
+                   OSError("AWS Error ACCESS_DENIED during HeadObject operation: No response body."),
+                   OSError("AWS Error NO_SUCH_BUCKET during ListObjectsV2 operation")):
+        attempts: list[int] = []
+
+        def answering(answer: OSError = answer, attempts: list[int] = attempts) -> None:
+            attempts.append(1)
+            raise answer
+
+        with pytest.raises(type(answer)):
+            storage.retrying("reading s3://b/none", answering, retry_s=60, sleep=lambda s: None)
+        assert attempts == [1]
+    assert [line for line in terminal.lines() if "warning" in line and "ACCESS_DENIED" in line] == []
 
 
 def test_an_outage_of_another_process_reaches_the_terminal_once(terminal: Terminal) -> None:
