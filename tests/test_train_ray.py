@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAULT_DIR, weights_difference
+from conftest import FAULT_DIR, make_tiny_config, weights_difference
 
-from msad.checkpoint import load_checkpoint, save_checkpoint
+from msad.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from msad.engine.trainer import fit, prepare_run
 from msad.errors import RunFailedError, UserError
 
@@ -38,13 +38,22 @@ def test_teacher_two_workers_reports_metrics_and_checkpoints(teacher_run) -> Non
     assert all({"image_id", "category_id", "bbox", "score"} <= set(r) for r in results)
 
 
-def test_student_two_workers_distils_from_teacher(tiny_config, teacher_run, tmp_path: Path, shapes_cache: Path) -> None:
+STUDENT_KD_RAMP = ("train.kd_warmup_iters=4",)  # the KD weight still ramps up at the fault below (iteration 3)
+
+
+@pytest.fixture(scope="module")
+def two_worker_student(teacher_run, tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path):
+    """A tiny student trained with 2 Ray workers, undisturbed."""
     _, teacher = teacher_run
-    cfg = tiny_config(tmp_path, shapes_cache, "student", "student", f"train.teacher_checkpoint={teacher.checkpoint}")
-    result = fit(cfg)
-    m = result.metrics
+    tmp = tmp_path_factory.mktemp("student")
+    return fit(make_tiny_config(tmp, shapes_cache, "student", "student",
+                                f"train.teacher_checkpoint={teacher.checkpoint}", *STUDENT_KD_RAMP))
+
+
+def test_student_two_workers_distils_from_teacher(two_worker_student) -> None:
+    m = two_worker_student.metrics
     assert m["iteration"] == 6 and m["loss_kd"] > 0 and m["kd_weight"] == pytest.approx(0.2)
-    state = load_checkpoint(result.checkpoint)
+    state = load_checkpoint(two_worker_student.checkpoint)
     assert state["role"] == "student" and state["kd_warmup"]["iteration"] == 6
     assert not any(k.startswith("fusion") for k in state["model"])  # the teacher is not in the student's file
 
@@ -66,18 +75,6 @@ def test_one_worker_batch_4_matches_two_workers_batch_2(tiny_config, ray_session
         for key in ("loss_cls", "loss_box", "loss_ctr"):
             assert b[key] == pytest.approx(a[key], rel=0.03), (a["iteration"], key)
     assert curve_one[-1]["loss_cls"] < curve_one[0]["loss_cls"]  # and they are learning, not flat
-
-
-def test_worker_failure_restarts_from_last_checkpoint(tiny_config, ray_session: None, tmp_path: Path,
-                                                     shapes_cache: Path) -> None:
-    cfg = tiny_config(tmp_path, shapes_cache, "fcos", "faulty", "distributed.max_failures=1", "train.eval_period=0")
-    fault = FAULT_DIR / "faulty.fail-at-5"
-    fault.touch()  # the worker raises at iteration 5, once
-    result = fit(cfg)
-    assert not fault.exists()  # it did
-    state = load_checkpoint(result.checkpoint)
-    assert state["iteration"] == 6
-    assert state["resumed_from"] == [4]  # failed at 5, lost one iteration (< one checkpoint interval)
 
 
 def test_interrupted_run_resumes_and_skips_a_corrupt_checkpoint(tiny_config, ray_session: None, tmp_path: Path,
@@ -145,18 +142,21 @@ def test_a_killed_teacher_worker_resumes_to_identical_weights(tiny_config, teach
                                undisturbed.checkpoint) > 1e-6
 
 
-def test_a_killed_student_worker_resumes_to_identical_weights_mid_kd_ramp(tiny_config, teacher_run, tmp_path: Path,
-                                                                          shapes_cache: Path) -> None:
-    """1 worker, SIGKILLed at iteration 3 while the KD weight still ramps up (4 iterations): resumed from checkpoint
-    2, the student ends with the weights of the same run left alone, to the bit."""
+def test_a_failed_student_worker_resumes_to_identical_weights_mid_kd_ramp(two_worker_student, teacher_run,
+                                                                          tmp_path: Path, shapes_cache: Path) -> None:
+    """2 workers, one raising at iteration 3 while the KD weight still ramps up: Ray Train restarts both from
+    checkpoint 2 (`distributed.max_failures`), and the student ends with the weights of the same run left alone
+    (`two_worker_student`), to the bit. (A worker that dies instead of raising: the teacher test above.)"""
     _, teacher = teacher_run
-    common = (f"train.teacher_checkpoint={teacher.checkpoint}", "distributed.num_workers=1",
-              "train.kd_warmup_iters=4", "train.eval_period=0", "distributed.max_failures=1")
-    alone = fit(tiny_config(tmp_path, shapes_cache, "student", "alone", *common))
-    kill = FAULT_DIR / "killed-student.kill-at-3"
-    kill.touch()
-    killed = fit(tiny_config(tmp_path, shapes_cache, "student", "killed-student", *common))
-    assert not kill.exists()
-    state = load_checkpoint(killed.checkpoint)
+    fault = FAULT_DIR / "failed-student.fail-at-3"
+    fault.touch()
+    failed = fit(make_tiny_config(tmp_path, shapes_cache, "student", "failed-student",
+                                  f"train.teacher_checkpoint={teacher.checkpoint}", *STUDENT_KD_RAMP,
+                                  "distributed.max_failures=1"))
+    assert not fault.exists()  # a worker took it, and raised
+    state = load_checkpoint(failed.checkpoint)
     assert state["iteration"] == 6 and state["resumed_from"] == [2]
-    assert weights_difference(killed.checkpoint, alone.checkpoint) == 0.0
+    assert weights_difference(failed.checkpoint, two_worker_student.checkpoint) == 0.0
+    # negative control: the comparison sees the last two steps (checkpoint 4 vs 6)
+    assert weights_difference(str(Path(failed.run_dir) / "checkpoint_0000004" / CHECKPOINT_FILE),
+                              two_worker_student.checkpoint) > 1e-6
