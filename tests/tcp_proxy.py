@@ -26,6 +26,8 @@ class SwitchableProxy:
         self._lock = threading.Lock()
 
     def on(self) -> None:
+        if self._listener is not None:
+            return
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -78,3 +80,10 @@ class SwitchableProxy:
             source.close()
             with self._lock:
                 self._connections.discard(source)
+
+
+def through(uri: str, port: int) -> str:
+    """An object-store URI with its endpoint_override pointed at 127.0.0.1:`port` (a SwitchableProxy)."""
+    head, _, query = uri.partition("?")
+    options = [o for o in query.split("&") if o and not o.startswith("endpoint_override=")]
+    return head + "?" + "&".join([*options, f"endpoint_override=http://127.0.0.1:{port}"])

@@ -1,5 +1,5 @@
-"""A sweep submitted to a real two-node Ray as cluster/README.md says survives losing the node its teacher trains on,
-keeps its results with the experiment in S3, and leaves the W&B key nowhere.
+"""A sweep submitted to a real two-node Ray as cluster/README.md says survives losing the node its teacher trains on
+and an S3 outage as its student starts, keeps its results with the experiment in S3, and leaves the W&B key nowhere.
 
 The cluster is started with the `ray start` CLI, token authentication on: a head (1 CPU: room for one trial driver,
 no Train worker) and a worker node (2 CPUs), each with its own working and temp directory, as two machines would
@@ -35,6 +35,7 @@ import pyarrow.fs as pafs
 import pytest
 from conftest import free_port, tiny_sweep, train_undisturbed, weights_difference
 from ray_nodes import RayNode, ray_list, wait_for_dashboard
+from tcp_proxy import SwitchableProxy, through
 
 from msad import storage
 from msad.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
@@ -43,6 +44,7 @@ from msad.sweep.trials import read_trial_summaries
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TEACHER_ITERATIONS = 16
+OUTAGE_S = 15.0
 CANARY = "msadcanary" + "0123456789abcdef0123456789ab"  # 40 characters, like a real key
 
 
@@ -72,7 +74,10 @@ class ClusterRun:
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path, s3_bucket: str) -> Iterator[ClusterRun]:
     tmp = tmp_path_factory.mktemp("node_loss")
-    storage_path = storage.join(s3_bucket, secrets.token_hex(4))
+    proxy = SwitchableProxy(int(s3_bucket.rsplit(":", 1)[1]))  # the cluster reaches S3 through it: an outage later
+    proxy.on()
+    prefix = secrets.token_hex(4)
+    storage_path = storage.join(through(s3_bucket, proxy.port), prefix)
     sweep_file = tiny_sweep(tmp, shapes_cache, "node_loss", {
         "teachers": {"grid": {"model.width": [0.25]}},
         "students": {"config": {"train": {"iterations": 2, "lr_steps": [1], "eval_period": 2}}},
@@ -122,6 +127,16 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path, s3
         registered = int(snapshot["latest_checkpoint_result"]["checkpoint_dir_name"].rsplit("_", 1)[1])
         (head,) = [n["node_id"] for n in ray_list("nodes", dashboard, base_env) if n["is_head_node"]]
         nodes.append(RayNode(tmp, "replacement", base_env, join))
+        # S3 goes down as the teacher ends (its row is uploaded) and the student starts, for longer than the S3
+        # client's own retries (6 s)
+        row = storage.join(s3_bucket, prefix, "node_loss", "results", "teacher-w0.25-h128.json")  # behind the proxy
+        deadline = time.monotonic() + 400
+        while not storage.exists(row):
+            assert job.poll() is None and time.monotonic() < deadline, "the teacher's row never reached S3"
+            time.sleep(0.2)
+        proxy.off()
+        time.sleep(OUTAGE_S)
+        proxy.on()
         output, _ = job.communicate(timeout=600)
         assert job.returncode == 0, output[-4000:]
         report = subprocess.run([sys.executable, str(REPO / "launch.py"), "report", location], cwd=tmp,
@@ -141,6 +156,7 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path, s3
             if node.proc.poll() is None:
                 node.kill()
             shutil.rmtree(node.temp_dir, ignore_errors=True)
+        proxy.off()
 
 
 def test_teacher_resumes_on_a_replacement_node_and_its_student_trains(cluster_run: ClusterRun) -> None:
@@ -195,6 +211,17 @@ def test_workers_run_the_jobs_working_directory_not_the_installed_checkout(clust
     for node, paths in cluster_run.code.items():
         for path in paths:
             assert "/runtime_resources/working_dir_files/" in path and not path.startswith(str(REPO)), (node, path)
+
+
+def test_an_s3_outage_as_the_student_starts_costs_no_iteration_and_one_line(cluster_run: ClusterRun) -> None:
+    """S3 was down for 15 s from the teacher's end: the student waited for it (its teacher file, Ray Train's
+    storage), never restarted, and every file still reached S3 (the other tests here read them from there); the
+    job's output says so in one warning line."""
+    student = {row.name: row for row in read_trial_summaries(cluster_run.copy)}["student-w0.25-l64-kd0.2-t3"]
+    assert load_checkpoint(student.checkpoint)["resumed_from"] == []
+    warnings = [line for line in cluster_run.output.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "the object store failed" in warnings[0], cluster_run.output[-3000:]
+    assert "Traceback" not in cluster_run.output
 
 
 def test_report_lives_with_the_experiment_and_report_reads_it_from_s3(cluster_run: ClusterRun) -> None:

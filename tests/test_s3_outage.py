@@ -1,12 +1,10 @@
-"""An object-store outage mid-sweep changes nothing but the time it takes (issue: faults change nothing).
+"""An object-store outage changes nothing but the time it takes (issue: faults change nothing): the parts.
 
-The sweep stores its experiment in a bucket of a real S3 server (moto) reached through a TCP forwarder that the test
-switches off and on (`tcp_proxy.SwitchableProxy`): connections refused, open ones cut, the store's contents kept,
-as when an endpoint or the network goes down. The outage falls while the teacher trains, on its checkpoint uploads
-and Ray Train's checkpoint list. Pass: the sweep returns, every row, the report, every checkpoint Ray Train
-registered and the W&B runs are in S3, the teacher never restarted (no iteration lost), and the terminal says so in
-one warning line. Then the parts: the driver's own uploads (kept, one line, uploaded after), the retry rule, and a
-store that stays down past `distributed.storage_retry_s`: the run fails in one line naming the checkpoint.
+A real S3 server (moto) is reached through a TCP forwarder that the tests switch off and on
+(`tcp_proxy.SwitchableProxy`): connections refused, open ones cut, the store's contents kept, as when an endpoint or
+the network goes down. Here: the retry rule (what is retried, for how long, said how often), the sweep driver's own
+uploads (kept, one line, uploaded after), and a store that stays down past `distributed.storage_retry_s` (the run
+fails in one line naming the checkpoint). A whole sweep through an outage, on a real cluster: tests/test_node_loss.py.
 """
 
 from __future__ import annotations
@@ -17,28 +15,14 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pytest
-from conftest import make_tiny_config, terminal_to_file, tiny_sweep
-from tcp_proxy import SwitchableProxy
+from conftest import make_tiny_config
+from tcp_proxy import SwitchableProxy, through
 
 from msad import console, storage
-from msad.checkpoint import load_checkpoint
 from msad.engine.trainer import fit
 from msad.errors import RunFailedError
 from msad.sweep.experiment_files import ExperimentFiles
-from msad.sweep.runner import run_sweep
-from msad.sweep.trials import read_trial_summaries
-
-TEACHER = "teacher-w0.25-h128"
-TEACHER_ITERATIONS = 10
-OUTAGE_S = 15.0  # longer than the S3 client's own retries (6 s: 3 attempts), which hide shorter outages
-
-
-def _through(uri: str, port: int) -> str:
-    head, _, query = uri.partition("?")
-    options = [o for o in query.split("&") if o and not o.startswith("endpoint_override=")]
-    return head + "?" + "&".join([*options, f"endpoint_override=http://127.0.0.1:{port}"])
 
 
 def _wait_for(check, what: str, timeout: float = 240) -> None:
@@ -46,80 +30,6 @@ def _wait_for(check, what: str, timeout: float = 240) -> None:
     while not check():
         assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
         time.sleep(0.2)
-
-
-def _outage(proxy: SwitchableProxy, direct: str, log: list[str]) -> None:
-    """Off while the teacher trains, from its checkpoint 4 on, for OUTAGE_S."""
-    first = storage.join(direct, "runs", TEACHER, "checkpoint_0000004", "checkpoint.pt")
-    try:
-        _wait_for(lambda: storage.exists(first), "checkpoint 4")
-        proxy.off()
-        log.append("off after checkpoint_0000004")
-        time.sleep(OUTAGE_S)
-    except AssertionError as err:
-        log.append(str(err))
-    finally:
-        proxy.on()
-
-
-@pytest.fixture(scope="module")
-def outage_run(ray_session: None, s3_bucket: str, shapes_cache: Path, tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("s3_outage")
-    moto_port = int(s3_bucket.rsplit(":", 1)[1])
-    proxy = SwitchableProxy(moto_port)
-    proxy.on()
-    prefix = f"outage-{time.time_ns()}"
-    direct = storage.join(s3_bucket, prefix, "s3_outage")  # the test reads S3 behind the proxy's back
-    path = tiny_sweep(tmp, shapes_cache, "s3_outage", {
-        "teachers": {"grid": {"model.width": [0.25]}},  # one trial: what an outage does to a student is the same
-    }, iterations=TEACHER_ITERATIONS, config={
-        "model": {"width_list": [0.25]},
-        "distributed": {"storage_path": storage.join(_through(s3_bucket, proxy.port), prefix), "num_workers": 1,
-                        "storage_retry_s": 120},
-    })
-    log: list[str] = []
-    watcher = threading.Thread(target=_outage, args=(proxy, direct, log), daemon=True)
-    terminal = tmp / "terminal.txt"
-    with pytest.MonkeyPatch.context() as mp, terminal_to_file(terminal):
-        mp.chdir(tmp)  # the driver's local copy of an S3 experiment: ./runs/<name>
-        watcher.start()
-        run_sweep(path, [])
-    watcher.join(timeout=60)
-    copy = tmp / "experiment-copy"
-    fs, fs_path = storage.filesystem(direct)
-    pafs.copy_files(fs_path, str(copy), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    yield copy, tmp / "runs" / "s3_outage", terminal.read_text(), log
-    proxy.off()
-
-
-def test_the_sweep_ends_with_everything_in_s3_and_no_iteration_lost(outage_run) -> None:
-    copy, local, terminal, log = outage_run
-    assert log == ["off after checkpoint_0000004"], log
-    rows = {row.name: row for row in read_trial_summaries(copy)}  # as stored in S3
-    assert {name: row.status for name, row in rows.items()} == {TEACHER: "TERMINATED"}, \
-        {name: row.error for name, row in rows.items()}
-    teacher = load_checkpoint(rows[TEACHER].checkpoint)  # read from S3 (digest checked)
-    assert teacher["iteration"] == TEACHER_ITERATIONS and teacher["resumed_from"] == []  # never restarted
-    # every checkpoint Ray Train registered is complete in S3: no gap in its list
-    snapshot = json.loads((copy / "runs" / TEACHER / "checkpoint_manager_snapshot.json").read_text())
-    registered = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
-    assert f"checkpoint_{TEACHER_ITERATIONS:07d}" in registered
-    for name in registered:
-        assert load_checkpoint(copy / "runs" / TEACHER / name / "checkpoint.pt")["iteration"] == int(name[-7:])
-    assert (copy / "report.md").read_bytes() == (local / "report.md").read_bytes()  # the final one
-    assert sorted(p.name for p in (copy / "wandb").glob("offline-run-*")) == \
-        sorted(p.name for p in (local / "wandb").glob("offline-run-*")) != []
-    assert sorted(p.name for p in (copy / "results").iterdir()) == sorted(p.name for p in (local / "results").iterdir())
-
-
-def test_each_outage_is_one_warning_line_and_one_line_when_the_store_is_back(outage_run) -> None:
-    _, _, terminal, _ = outage_run
-    warnings = [line for line in terminal.splitlines() if "warning:" in line]
-    assert len(warnings) == 1 and "object store" in warnings[0], terminal[-3000:]
-    # the first outage hit Ray Train's writes (a checkpoint upload on the worker, or the controller's checkpoint
-    # list): processes that log elsewhere, whose outage the terminal names
-    assert any("nothing lost" in w and "s3_outage/runs/teacher-w0.25-h128" in w for w in warnings), warnings
-    assert "Traceback" not in terminal
 
 
 class Terminal(io.StringIO):
@@ -209,7 +119,7 @@ def test_experiment_files_wait_for_the_store_and_say_so_once(terminal: Terminal,
     proxy = SwitchableProxy(int(s3_bucket.rsplit(":", 1)[1]))
     prefix = f"files-{time.time_ns()}"
     monkeypatch.chdir(tmp_path)
-    files = ExperimentFiles(storage.join(_through(s3_bucket, proxy.port), prefix, "exp"))
+    files = ExperimentFiles(storage.join(through(s3_bucket, proxy.port), prefix, "exp"))
     for item in ("results/teacher.json", "results/student.json", "report.md"):
         (files.local / item).parent.mkdir(parents=True, exist_ok=True)
         (files.local / item).write_text(item)
@@ -233,7 +143,7 @@ def test_a_checkpoint_upload_that_keeps_failing_fails_the_run_in_one_line(
     proxy = SwitchableProxy(int(s3_bucket.rsplit(":", 1)[1]))
     proxy.on()
     prefix = f"fail-{time.time_ns()}"
-    cfg = make_tiny_config(storage.join(_through(s3_bucket, proxy.port), prefix), shapes_cache, "teacher",
+    cfg = make_tiny_config(storage.join(through(s3_bucket, proxy.port), prefix), shapes_cache, "teacher",
                            "upload", "distributed.num_workers=1", "distributed.storage_retry_s=2", "train.iterations=8",
                            "train.lr_steps=[7]", "train.eval_period=8")
     snapshot = storage.join(s3_bucket, prefix, "upload", "checkpoint_manager_snapshot.json")
