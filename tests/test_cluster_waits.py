@@ -266,12 +266,14 @@ def test_a_second_ray_on_the_machine_does_not_keep_a_stopped_trials_cpus(tmp_pat
         assert other.proc.poll() is None
         env.update(PYTHONPATH=str(REPO))
         found = {}
-        for mode, patience in (("msad", 30), ("plain", 10)):
-            proc = subprocess.run([sys.executable, "-c", TWO_RAYS, mode, str(tmp_path / f"{mode}.started"),
-                                   str(tmp_path / mode), str(patience)],
-                                  env=env, capture_output=True, text=True, timeout=300)
-            lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("RESERVED")]
-            assert lines, proc.stderr[-3000:]
+        procs = {mode: subprocess.Popen([sys.executable, "-c", TWO_RAYS, mode, str(tmp_path / f"{mode}.started"),
+                                         str(tmp_path / mode), str(patience)],
+                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for mode, patience in (("msad", 30), ("plain", 10))}  # side by side: three Rays on the machine
+        for mode, proc in procs.items():
+            out, err = proc.communicate(timeout=300)
+            lines = [line.split() for line in out.splitlines() if line.startswith("RESERVED")]
+            assert lines, err[-3000:]
             found[mode] = (int(lines[0][1]), float(lines[0][2]))
         assert found["msad"][0] == 0 and found["msad"][1] < 10, found  # freed in seconds
         assert found["plain"][0] == 1, found  # negative control: still reserved after 10 s
