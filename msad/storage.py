@@ -56,13 +56,12 @@ class _Outage:
     said_until = 0.0  # wall time up to which the outage last warned about lasted (inf while it lasts)
 
     @classmethod
-    def failed(cls, what: str, err: OSError, retry_s: float) -> None:
+    def failed(cls, what: str, err: OSError, consequence: str) -> None:
         if cls.since is not None:
             return
         cls.since, cls.first = time.time(), (what, first_line(err))
         if cls.since > cls.said_until + SAME_OUTAGE_S:
-            console.current().warn(f"the object store failed ({what}: {first_line(err)}); msad retries for up to "
-                                   f"{retry_s:.0f} s (distributed.storage_retry_s) and keeps training")
+            console.current().warn(f"the object store failed ({what}: {first_line(err)}); {consequence}")
         cls.said_until = float("inf")
 
     @classmethod
@@ -78,6 +77,17 @@ class _Outage:
 
 
 SAME_OUTAGE_S = 30.0  # failures this close to an outage already told are the same outage
+
+
+def outage_met(what: str, err: OSError, consequence: str) -> None:
+    """An object-store failure that the caller handles itself (e.g. by trying again later): told once per outage,
+    with every other failure of this process and of the cluster's other processes."""
+    _Outage.failed(what, err, consequence)
+
+
+def outage_over() -> None:
+    """The store answered the caller again after `outage_met` (said once, if nothing else said it)."""
+    _Outage.answered()
 OUTAGE_KEY_PREFIX = "msad-storage-outage-"
 
 
@@ -148,7 +158,8 @@ def retrying(what: str, operation: Callable[[], T], retry_s: float | None = None
         except OSError as err:
             if not transient(err):
                 raise
-            _Outage.failed(what, err, window)
+            _Outage.failed(what, err, f"msad retries for up to {window:.0f} s (distributed.storage_retry_s) and "
+                                      "keeps training")
             elapsed = time.monotonic() - start
             if elapsed + delay > window:
                 raise StorageUnavailableError(f"{what}: the object store kept failing for {elapsed:.0f} s "

@@ -44,7 +44,7 @@ from msad.sweep.trials import read_trial_summaries
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TEACHER_ITERATIONS = 16
-OUTAGE_S = 15.0
+OUTAGE_S = 25.0  # well past the S3 client's own retries (6 s), which would hide a short cut
 CANARY = "msadcanary" + "0123456789abcdef0123456789ab"  # 40 characters, like a real key
 
 
@@ -214,13 +214,13 @@ def test_workers_run_the_jobs_working_directory_not_the_installed_checkout(clust
 
 
 def test_an_s3_outage_as_the_student_starts_costs_no_iteration_and_one_line(cluster_run: ClusterRun) -> None:
-    """S3 was down for 15 s from the teacher's end: the student waited for it (its teacher file, Ray Train's
+    """S3 was down for 25 s from the teacher's end: the student waited for it (its teacher file, Ray Train's
     storage), never restarted, and every file still reached S3 (the other tests here read them from there); the
     job's output says so in one warning line."""
     student = {row.name: row for row in read_trial_summaries(cluster_run.copy)}["student-w0.25-l64-kd0.2-t3"]
     assert load_checkpoint(student.checkpoint)["resumed_from"] == []
     warnings = [line for line in cluster_run.output.splitlines() if "warning:" in line]
-    assert len(warnings) == 1 and "the object store failed" in warnings[0], cluster_run.output[-3000:]
+    assert len(warnings) == 1 and "the object store failed" in warnings[0], warnings
     assert "Traceback" not in cluster_run.output
 
 

@@ -135,7 +135,15 @@ def test_experiment_files_wait_for_the_store_and_say_so_once(terminal: Terminal,
     for item in ("results/teacher.json", "results/student.json", "report.md"):
         assert storage.read_bytes(storage.join(direct, item)) == item.encode()
     lines = terminal.lines()
-    assert len(lines) == 2 and lines[0].startswith("warning: could not upload") and "answers again" in lines[1]
+    warnings = [line for line in lines if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: the object store failed (uploading "
+                                                         "results/teacher.json: "), lines
+    assert warnings[0].endswith("uploaded with the next upload and at the end"), lines
+    assert sum("answers again" in line for line in lines) == 1, lines
+    assert lines[-1].startswith("the files that waited for the object store are in s3://"), lines
+    # an outage another process came through at the same time is the same one: not told again
+    storage.notice_outage({"start": time.time() - 20.0, "seconds": 15.0, "what": "writing x: Could not connect"})
+    assert terminal.lines() == []
 
 
 def test_a_checkpoint_upload_that_keeps_failing_fails_the_run_in_one_line(

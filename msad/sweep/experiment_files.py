@@ -72,14 +72,15 @@ class ExperimentFiles:
             try:
                 _copy(source, pafs.LocalFileSystem(), *storage.filesystem(storage.join(self.location, item)))
             except OSError as err:  # pyarrow raises OSError for object-store failures
-                if not self._failing:  # one line per outage, not one per file
-                    console.current().warn(f"could not upload {source} to {self.location} (kept locally; retried "
-                                           f"with each later upload and at the end): {storage.first_line(err)}")
+                # one line per outage, not one per file, and none if another process already told of this outage
+                storage.outage_met(f"uploading {item}", err, f"kept in {self.local}; uploaded with the next upload "
+                                   "and at the end")
                 self._failing = True
                 return False
             self._pending.discard(item)
         if self._failing:
-            console.current().event(f"the object store answers again: the files that waited are in {self.location}")
+            storage.outage_over()
+            console.current().event(f"the files that waited for the object store are in {self.location}")
             self._failing = False
         return True
 
