@@ -323,7 +323,7 @@ class _PutOnClose:
         return self.spool.tell()
 
     def flush(self) -> None:
-        pass
+        """Nothing to do: the data goes to the store in one put when the file is closed."""
 
     def writable(self) -> bool:
         return True

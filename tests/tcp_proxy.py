@@ -71,7 +71,7 @@ class SwitchableProxy:
         try:
             while data := source.recv(65536):
                 sink.sendall(data)
-        except OSError:
+        except OSError:  # the connection was cut (switched off, or the peer went away): end both sides below
             pass
         finally:  # one side ended: end the other too; each pump closes the socket it read from
             for conn in (source, sink):
