@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from msad import console
+from msad.errors import UserError
 from msad.files import cache_root, write_atomically
 
 T = TypeVar("T")
@@ -145,11 +146,11 @@ def first_line(err: BaseException) -> str:
 
 
 def retrying(what: str, operation: Callable[[], T], retry_s: float | None = None,
-             sleep: Callable[[float], None] = time.sleep) -> T:
+             sleep: Callable[[float], None] = time.sleep, tell: bool = True) -> T:
     """`operation()`, retried with backoff (0.5 s doubling to 10 s) while it raises OSError, for at most `retry_s`
     (default: this process's `distributed.storage_retry_s`); then a StorageUnavailableError naming `what`. Only
     errors of an unreachable or overloaded store are retried: a missing file, a denied access or a wrong bucket are
-    answers, raised at once."""
+    answers, raised at once. `tell`: say so once per outage (and publish it to the cluster)."""
     window = _retry_s if retry_s is None else retry_s
     start, delay = time.monotonic(), 0.5
     while True:
@@ -158,8 +159,9 @@ def retrying(what: str, operation: Callable[[], T], retry_s: float | None = None
         except OSError as err:
             if not transient(err):
                 raise
-            _Outage.failed(what, err, f"msad retries for up to {window:.0f} s (distributed.storage_retry_s) and "
-                                      "keeps training")
+            if tell:
+                _Outage.failed(what, err, f"msad retries for up to {window:.0f} s (distributed.storage_retry_s) "
+                                          "and keeps training")
             elapsed = time.monotonic() - start
             if elapsed + delay > window:
                 raise StorageUnavailableError(f"{what}: the object store kept failing for {elapsed:.0f} s "
@@ -167,8 +169,34 @@ def retrying(what: str, operation: Callable[[], T], retry_s: float | None = None
             sleep(delay)
             delay = min(2 * delay, 10.0)
         else:
-            _Outage.answered()
+            if tell:
+                _Outage.answered()
             return result
+
+
+FIRST_CONTACT_S = 20.0  # how long a store that never answered is given before anything starts
+
+
+def check_reachable(location: str, what: str = "distributed.storage_path", within: float = FIRST_CONTACT_S) -> None:
+    """Refuse, in one line, an object store that does not answer at all before anything starts. A wrong
+    `endpoint_override` or host fails like an outage (connection refused), and the retry window
+    (`distributed.storage_retry_s`, minutes) is for outages in the middle of a run, where waiting saves work; here it
+    would only delay the message. Plain paths pass (local or NFS: checked elsewhere)."""
+    if not is_uri(location):
+        return
+    fs, path = filesystem(location)
+    bucket = path.split("/", 1)[0]
+    try:
+        found = retrying(f"reaching {location}", lambda: fs.get_file_info(bucket), retry_s=within, tell=False)
+    except StorageUnavailableError as err:
+        cause = first_line(err.__cause__) if err.__cause__ else first_line(err)
+        raise UserError(f"{what}: {location} did not answer in {within:g} s ({cause}); check the bucket's endpoint "
+                        "(endpoint_override=...), its host and the network") from err
+    except OSError as err:  # an answer: access denied, ...
+        raise UserError(f"{what}: {location}: {first_line(err)}") from err
+    if found.type == pafs.FileType.NotFound:
+        raise UserError(f"{what}: {location}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
+                        "create it first")
 
 
 def is_uri(location: str | Path) -> bool:

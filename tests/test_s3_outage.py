@@ -175,3 +175,23 @@ def test_a_checkpoint_upload_that_keeps_failing_fails_the_run_in_one_line(
     assert len(line.splitlines()) == 1 and time.monotonic() - start < 120
     assert line.startswith("run s3://") and "failed: rank 0: " in line, line
     assert "checkpoint_0000004" in line and "distributed.storage_retry_s = 2" in line, line
+
+
+def test_a_store_that_never_answers_is_refused_in_one_line_in_seconds(s3_bucket: str) -> None:
+    """A wrong endpoint (a closed port) looks like an outage, but before anything starts it is bad input: refused
+    within the first-contact window, not after `distributed.storage_retry_s`; a missing bucket is named at once."""
+    from msad.errors import UserError
+
+    proxy = SwitchableProxy(int(s3_bucket.rsplit(":", 1)[1]))  # never switched on: connections are refused
+    wrong = storage.join(through(s3_bucket, proxy.port), "exp")
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"^distributed.storage_path: s3://.* did not answer in 2 s \(.*\); check "
+                                        r"the bucket's endpoint \(endpoint_override=\.\.\.\)"):
+        storage.check_reachable(wrong, within=2)
+    assert time.monotonic() - start < 15  # the S3 client's own retries (6 s) once or twice, not minutes
+    storage.check_reachable(storage.join(s3_bucket, "exp"))  # negative control: the store that answers passes
+    missing = s3_bucket.replace("s3://", "s3://no-such-bucket-", 1)
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"^distributed.storage_path: s3://no-such-bucket-.*: bucket .* does not exist"):
+        storage.check_reachable(missing)
+    assert time.monotonic() - start < 15

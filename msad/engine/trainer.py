@@ -65,6 +65,7 @@ def prepare_run(cfg: Config) -> tuple[DataPaths, str]:
     load_annotations(paths.train_annotations, annotation_cache_dir(cfg.data))
     run_dir = storage.join(storage.resolve(cfg.distributed.storage_path), cfg.distributed.run_name)
     saved = storage.join(run_dir, CONFIG_FILE)
+    storage.check_reachable(run_dir)  # a wrong endpoint fails here in seconds, not after the retry window
     if storage.exists(saved):
         previous = config_from_dict(yaml.safe_load(storage.read_bytes(saved)))
         if cfg.train.amp == "auto":  # the workers wrote what auto resolved to; the run keeps it (msad.engine.loop)

@@ -127,6 +127,7 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
     storage.set_retry_window(sweep.base.distributed.storage_retry_s)
     experiment_dir = sweep.experiment_dir
     files = ExperimentFiles(experiment_dir)
+    storage.check_reachable(experiment_dir)  # a wrong endpoint fails here in seconds, not after the retry window
     exists = storage.exists(experiment_dir)
     if exists and not resume:
         raise UserError(f"{experiment_dir}: experiment exists; add --resume to continue it, or set a new name "
