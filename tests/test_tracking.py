@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -266,3 +267,30 @@ def test_the_sweep_report_is_one_wandb_run_with_tables_and_the_plot(tmp_path: Pa
     assert verdicts["student w0.25 L128 KD 0.2 vs plain FCOS w0.25 L128"] is True
     assert verdicts["student w0.25 L128 KD 0.2 vs without KD"] is False
     assert media("ap_vs_capacity", "image-file").read_bytes().startswith(b"\x89PNG")
+
+
+def test_persisted_step_reads_what_earlier_offline_folders_of_a_run_hold(tmp_path: Path) -> None:
+    """A resumed sweep's offline run skips the steps its earlier folders hold (read by wandb's own reader), and only
+    those: a folder of another run, or the new run's own, does not count."""
+    import wandb
+
+    from msad.sweep.tracking import base_settings, persisted_step
+
+    folders = {}
+    for run_id, steps in (("trial1", range(1, 6)), ("trial2", range(1, 9)), ("trial1", range(6, 8))):
+        if run_id in folders:  # a folder is named by the second its run started: a resumed run's is a later one
+            time.sleep(1.1)
+        run = wandb.init(mode="offline", settings=base_settings(), dir=str(tmp_path), id=run_id, project="p",
+                         resume="allow", reinit="create_new")
+        for step in steps:
+            run.log({"loss": 1.0 / step}, step=step, commit=True)
+        folders.setdefault(run_id, []).append(Path(run.dir).parent)
+        if run_id != "trial1" or len(folders[run_id]) == 1:
+            run.finish()
+    current = folders["trial1"][1]  # still open, as the resumed run is when it asks
+    assert persisted_step(tmp_path, "trial1", exclude=current) == 5
+    assert persisted_step(tmp_path, "trial2", exclude=current) == 8
+    # negative control: the open run's own folder is what `exclude` leaves out (its steps are not "earlier")
+    run.finish()
+    assert persisted_step(tmp_path, "trial1", exclude=tmp_path / "none") == 7
+    assert persisted_step(tmp_path, "trial3", exclude=current) == 0

@@ -10,7 +10,8 @@ logs those) and out of Ray's private logging-actor API; the driver already recei
   "w<width>", experiment name];
 - the W&B config is the trial's msad config (`trial.config["msad"]`) with secret-looking keys removed;
 - step = the msad iteration: a trial restarted from a checkpoint replays iterations it had already logged, and
-  those are skipped, so its curve continues instead of being dropped or doubled;
+  those are skipped, so its curve continues instead of being dropped or doubled (offline after a killed driver too:
+  `persisted_step` reads where the run's earlier folders stop);
 - every run ends with the same summary keys (the fields of the trial's report row, None as NaN) and its
   `status`, whether it finished, was stopped by the scheduler, failed or was interrupted;
 - runs are written under `EXPERIMENT_DIR/wandb/` (the local copy, for an object-store experiment: the sweep uploads
@@ -35,12 +36,14 @@ driver machine's `~/.netrc`, from `wandb login`) itself, in the driver process o
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import netrc
 import os
 import re
 import shlex
+import subprocess
 import sys
 import time
 import traceback
@@ -144,6 +147,7 @@ INIT_TIMEOUT_S = 8.0
 FINISH_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 5.0  # one HTTP request (GraphQL, file stream, file upload): a server that never answers
 RETRY_ONLINE_AFTER_S = 600.0  # after a failure, runs start offline (no wait) this long, then try the server again
+TRANSACTION_LOG_FLUSH_S = 1.0  # how often a run's .wandb file is written (wandb's default 15 s): what a kill loses
 
 _problems: dict[str, tuple[str, float]] = {}  # W&B server -> (its problem, time.monotonic() when last seen)
 
@@ -152,7 +156,8 @@ def base_settings() -> Any:
     """wandb settings of every run: no console capture, no system stats, no git probing, no wandb chatter."""
     import wandb
 
-    return wandb.Settings(console="off", silent=True, x_disable_stats=True, disable_git=True)
+    return wandb.Settings(console="off", silent=True, x_disable_stats=True, disable_git=True,
+                          x_transaction_log_flush_interval=TRANSACTION_LOG_FLUSH_S)
 
 
 def online_settings() -> Any:
@@ -230,6 +235,30 @@ def start_run(mode: str, experiment_dir: Path | str, **init_args: Any) -> Any | 
     except Exception as err:
         report_problem(err, experiment_dir)
         return None
+
+
+def persisted_step(experiment_dir: Path, run_id: str, exclude: Path) -> int:
+    """The last step this experiment's earlier offline folders of `run_id` hold (0: none), read by wandb's own reader
+    of its transaction logs (`wandb leet inspect --summary --json`).
+
+    A sweep resumed after its driver was killed replays each trial's iterations since its checkpoint. Online, W&B
+    knows the run's last step; offline, a new process knows nothing, and the run's folders would hold those steps
+    twice. What was logged but not yet written when the driver died (up to `TRANSACTION_LOG_FLUSH_S` of it) is not
+    in the file, so the replay logs it again rather than skipping it: no step twice, and no gap where the replay
+    covers it (it starts after the trial's last checkpoint).
+    """
+    step = 0
+    for folder in sorted((experiment_dir / "wandb").glob(f"offline-run-*-{run_id}")):
+        if folder == exclude:
+            continue
+        try:
+            out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(folder)],
+                                 capture_output=True, text=True, timeout=60, check=True).stdout
+            step = max(step, int(json.loads(out).get("step") or 0))
+        except (OSError, subprocess.SubprocessError, ValueError, AttributeError) as err:
+            # the sweep's log only (standard error): a side channel's bookkeeping
+            print(f"W&B: could not read the steps of {folder} ({err}); they may be logged again", file=sys.stderr)
+    return step
 
 
 OFFLINE_ID_SUFFIX = "-offline"
@@ -363,8 +392,10 @@ class WandbTrialLogger(Callback):
             return
         self._runs[trial.trial_id] = run
         self._init_args[trial.trial_id] = init_args
-        # a resumed online run's step counter stands one past its last logged step; a new run's at 0
-        self._last_step[trial.trial_id] = max(int(run.step or 0) - 1, 0)
+        # a resumed online run's step counter stands one past its last logged step; a new run's at 0, and an offline
+        # one's too: its earlier folders in this experiment (a killed driver's) say where it stopped
+        self._last_step[trial.trial_id] = max(int(run.step or 0) - 1,
+                                              persisted_step(self.files.local, run.id, Path(run.dir).parent))
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         run, step = self._runs.get(trial.trial_id), result.get("iteration")
@@ -372,7 +403,9 @@ class WandbTrialLogger(Callback):
             return  # not an msad report, or an iteration logged before a restart from an earlier checkpoint
         try:
             self._log_setup(trial.trial_id, run, result)
-            run.log(_history_values(result), step=step)
+            # committed now: with a step given, wandb holds the row until a later step or finish (a killed driver
+            # would lose it)
+            run.log(_history_values(result), step=step, commit=True)
         except Exception as err:  # W&B's process failed: the run goes on offline
             report_problem(err, self.files.local)
             init_args = self._init_args[trial.trial_id]
@@ -384,7 +417,7 @@ class WandbTrialLogger(Callback):
                 del self._runs[trial.trial_id]
                 return
             try:
-                run.log(_history_values(result), step=step)
+                run.log(_history_values(result), step=step, commit=True)
             except Exception as again:
                 report_problem(again, self.files.local)
         self._last_step[trial.trial_id] = step
