@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -183,6 +184,14 @@ def weights_difference(a: str | Path, b: str | Path) -> float:
     assert first.keys() == second.keys()
     return max((first[k].double() - second[k].double()).abs().max().item() for k in first
                if first[k].is_floating_point() and first[k].numel())
+
+
+def wandb_steps(run_dir: Path) -> list[int]:
+    """The steps of an offline W&B run folder's history, in the order logged (read by wandb's own `leet inspect`)."""
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", str(run_dir), "--json"], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    records = [json.loads(line) for line in out.splitlines()]
+    return [r["history"]["item"]["_step"] for r in records if r["type"] == "history"]
 
 
 def train_undisturbed(config_file: Path, run_dir: Path) -> None:

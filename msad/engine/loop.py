@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -437,7 +438,9 @@ class RayWorkerContext:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, iteration: int) -> None:
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        metrics = {**metrics, "node_id": self.node_id}  # where rank 0 ran (Tune's node_ip is per machine, not node)
+        # where and when rank 0 reported (Tune's node_ip is per machine, not node; its timestamp is whole seconds):
+        # recovery times are measured from these
+        metrics = {**metrics, "node_id": self.node_id, "reported_at": datetime.now(timezone.utc).isoformat()}
         name = f"checkpoint_{iteration:07d}"
         try:
             self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
