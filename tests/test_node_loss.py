@@ -13,7 +13,9 @@ restarts them on the new node from the last checkpoint (`distributed.max_failure
 the teacher's final checkpoint; the rows, report and W&B runs are in the experiment's S3 location, and
 `launch.py report s3://...` rebuilds the report from there; the teacher's W&B history holds every iteration once,
 in order; no file of the experiment, of wandb or of either node's Ray session (logs, the job's working directory,
-the runtime-env agent's log) holds the key.
+the runtime-env agent's log) holds the key, and no process's command line does. The key is really loaded: W&B is
+online (`tracking.mode: auto` finds the head's key), its server a local one that answers 503, which receives the
+key, so the sweep's runs fall back to offline runs in the experiment, as when W&B is down.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from conftest import free_port, tiny_sweep, train_undisturbed, weights_difference
+from conftest import free_port, tiny_sweep, train_undisturbed, wandb_steps, weights_difference
 from ray_nodes import RayNode, ray_list, wait_for_dashboard
 from tcp_proxy import SwitchableProxy, through
+from wandb_servers import CommandLines, FailingServer, write_netrc
 
 from msad import storage
 from msad.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
@@ -45,14 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TEACHER_ITERATIONS = 16
 OUTAGE_S = 25.0  # well past the S3 client's own retries (6 s), which would hide a short cut
-CANARY = "msadcanary" + "0123456789abcdef0123456789ab"  # 40 characters, like a real key
-
-
-def wandb_steps(run_dir: Path) -> list[int]:
-    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", str(run_dir), "--json"], check=True,
-                         capture_output=True, text=True, timeout=60).stdout
-    records = [json.loads(line) for line in out.splitlines()]
-    return [r["history"]["item"]["_step"] for r in records if r["type"] == "history"]
+CANARY = "msadcanary" + "0123456789abcdef0123456789abcd"  # 40 characters, like a real key
 
 
 def files_holding(root: Path, needle: bytes) -> list[Path]:
@@ -69,6 +65,8 @@ class ClusterRun:
     registered: int  # the teacher's last checkpoint that Ray Train had registered when its node was killed
     head: str  # the head's node id
     code: dict[str, list[str]]  # per worker node: where its Train workers' msad came from ("msad code: ..." lines)
+    key_sent: int  # requests to the W&B server that carried the key
+    command_lines: CommandLines  # every process's command line, watched while the job ran
 
 
 @pytest.fixture(scope="module")
@@ -90,20 +88,23 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path, s3
     })
     location = storage.join(storage_path, "node_loss")
 
+    wandb_server = FailingServer("503").__enter__()  # W&B down: online runs fall back to offline ones
     token = secrets.token_hex(16)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}
     base_env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0", WANDB_MODE="offline",
                     PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")  # `python` in the job's command is this one
     head_home, wandb_home = tmp / "head-home", tmp / "wandb-home"
     head_home.mkdir()
-    (head_home / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {CANARY}\n")  # wandb login
-    head_env = {**base_env, "HOME": str(head_home), "WANDB_CONFIG_DIR": str(wandb_home / "config"),
+    write_netrc(head_home, wandb_server.url, CANARY)  # `wandb login --host URL` on the head
+    head_env = {**{k: v for k, v in base_env.items() if k != "WANDB_MODE"}, "HOME": str(head_home),
+                "WANDB_BASE_URL": wandb_server.url, "WANDB_CONFIG_DIR": str(wandb_home / "config"),
                 "WANDB_CACHE_DIR": str(wandb_home / "cache"), "WANDB_DATA_DIR": str(wandb_home / "data")}
     gcs, dashboard = free_port(), free_port()
     head_args = ["--head", f"--port={gcs}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
                  f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}"]
     nodes = [RayNode(tmp, "head", head_env, head_args)]
     join = ["--address", f"127.0.0.1:{gcs}", "--num-cpus=2"]
+    command_lines = CommandLines(CANARY).__enter__()
     try:
         wait_for_dashboard(dashboard, nodes[0])
         with pytest.raises(urllib.error.HTTPError, match="401"):  # token authentication is on: no token, no jobs
@@ -149,9 +150,13 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory, shapes_cache: Path, s3
                        for log in node.temp_dir.glob("session_*/logs/worker-*.out")
                        for line in log.read_text(errors="replace").splitlines() if "msad code: " in line]
                 for name, node in (("first", nodes[1]), ("replacement", nodes[2]))}
+        command_lines.__exit__()
         yield ClusterRun(location, copy, [wandb_home, *(n.temp_dir for n in nodes), tmp / "head"], output,
-                         report.stdout + report.stderr, registered, head, code)
+                         report.stdout + report.stderr, registered, head, code,
+                         len([r for r in wandb_server.requests if r.holds(CANARY)]), command_lines)
     finally:
+        command_lines.__exit__()
+        wandb_server.__exit__()
         for node in reversed(nodes):
             if node.proc.poll() is None:
                 node.kill()
@@ -219,7 +224,7 @@ def test_an_s3_outage_as_the_student_starts_costs_no_iteration_and_one_line(clus
     job's output says so in one warning line."""
     student = {row.name: row for row in read_trial_summaries(cluster_run.copy)}["student-w0.25-l64-kd0.2-t3"]
     assert load_checkpoint(student.checkpoint)["resumed_from"] == []
-    warnings = [line for line in cluster_run.output.splitlines() if "warning:" in line]
+    warnings = [line for line in cluster_run.output.splitlines() if "warning:" in line and "W&B (" not in line]
     assert len(warnings) == 1 and "the object store failed" in warnings[0], warnings
     assert "Traceback" not in cluster_run.output
 
@@ -235,8 +240,16 @@ def test_report_lives_with_the_experiment_and_report_reads_it_from_s3(cluster_ru
 def test_resumed_teachers_wandb_history_holds_every_iteration_once(cluster_run: ClusterRun) -> None:
     teacher = {row.name: row for row in read_trial_summaries(cluster_run.copy)}["teacher-w0.25-h128"]
     runs = (cluster_run.copy / "wandb").glob("offline-run-*")  # uploaded as each trial ended
-    (run_dir,) = [d for d in runs if d.name.endswith(teacher.trial_id)]
+    # its online start failed (W&B answered 503), so its offline stand-in has an id of its own
+    (run_dir,) = [d for d in runs if d.name.endswith(f"{teacher.trial_id}-offline")]
     assert wandb_steps(run_dir) == list(range(1, TEACHER_ITERATIONS + 1))
+
+
+def test_the_key_was_loaded_and_sent_to_wandb_only_and_wandb_down_is_one_line(cluster_run: ClusterRun) -> None:
+    assert cluster_run.key_sent > 0  # online for real: the driver read the head's netrc and sent the key to W&B
+    assert cluster_run.command_lines.looks > 10 and cluster_run.command_lines.found == set()
+    named = [line for line in cluster_run.output.splitlines() if "W&B (http://127.0.0.1:" in line]
+    assert len(named) == 1 and "training goes on, W&B runs are kept offline" in named[0], named
 
 
 def test_canary_key_appears_in_no_file(cluster_run: ClusterRun) -> None:

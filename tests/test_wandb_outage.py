@@ -11,14 +11,13 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import terminal_to_file, tiny_sweep
-from wandb_servers import ANALYTICS_PATH, FailingServer, write_netrc
+from wandb_servers import ANALYTICS_PATH, CommandLines, FailingServer, write_netrc
 
 from msad.sweep.tracking import INIT_TIMEOUT_S, online_settings, wandb_mode
 from msad.sweep.trials import read_trial_summaries
@@ -40,31 +39,6 @@ def files_holding(secret: str, *roots: Path, skip: tuple[Path, ...] = ()) -> lis
             if path.is_file() and not path.is_symlink() and path not in skip and secret.encode() in path.read_bytes():
                 found.append(path)
     return found
-
-
-class CommandLines:
-    """Watches every process's whole command line (`ps -eww -o args`: plain `ps -eo args` cuts them at 80 columns
-    when writing to a pipe) while it is open; `found`: lines holding `secret`."""
-
-    def __init__(self, secret: str) -> None:
-        self.secret, self.found, self.looks = secret, set(), 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            lines = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout.splitlines()
-            self.found.update(line for line in lines if self.secret in line)
-            self.looks += 1
-            self._stop.wait(0.3)
-
-    def __enter__(self) -> CommandLines:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import base64
 import os
 import re
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -121,6 +122,31 @@ class FailingServer:
             self._listener.close()
         for conn in self._held:
             conn.close()
+
+
+class CommandLines:
+    """Watches every process's whole command line (`ps -eww -o args`: plain `ps -eo args` cuts them at 80 columns
+    when writing to a pipe) while it is open; `found`: lines holding `secret`."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret, self.found, self.looks = secret, set(), 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            lines = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout.splitlines()
+            self.found.update(line for line in lines if self.secret in line)
+            self.looks += 1
+            self._stop.wait(0.3)
+
+    def __enter__(self) -> CommandLines:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def write_netrc(home: Path, url: str, key: str) -> Path:
