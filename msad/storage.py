@@ -181,7 +181,8 @@ def check_reachable(location: str, what: str = "distributed.storage_path", withi
     """Refuse, in one line, an object store that does not answer at all before anything starts. A wrong
     `endpoint_override` or host fails like an outage (connection refused), and the retry window
     (`distributed.storage_retry_s`, minutes) is for outages in the middle of a run, where waiting saves work; here it
-    would only delay the message. Plain paths pass (local or NFS: checked elsewhere)."""
+    would only delay the message. A bucket that does not exist is refused too; one the credentials may not look at
+    (prefix-only access) passes: it answered. Plain paths pass (local or NFS: checked elsewhere)."""
     if not is_uri(location):
         return
     fs, path = filesystem(location)
@@ -192,8 +193,8 @@ def check_reachable(location: str, what: str = "distributed.storage_path", withi
         cause = first_line(err.__cause__) if err.__cause__ else first_line(err)
         raise UserError(f"{what}: {location} did not answer in {within:g} s ({cause}); check the bucket's endpoint "
                         "(endpoint_override=...), its host and the network") from err
-    except OSError as err:  # an answer: access denied, ...
-        raise UserError(f"{what}: {location}: {first_line(err)}") from err
+    except OSError:  # an answer (e.g. access denied to the bucket itself, as prefix-only credentials get): reachable
+        return
     if found.type == pafs.FileType.NotFound:
         raise UserError(f"{what}: {location}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
                         "create it first")

@@ -245,7 +245,7 @@ def test_resumed_teachers_wandb_history_holds_every_iteration_once(cluster_run: 
     assert wandb_steps(run_dir) == list(range(1, TEACHER_ITERATIONS + 1))
 
 
-def test_the_key_was_loaded_and_sent_to_wandb_only_and_wandb_down_is_one_line(cluster_run: ClusterRun) -> None:
+def test_the_key_was_loaded_and_sent_to_wandb_and_wandb_down_is_one_line(cluster_run: ClusterRun) -> None:
     assert cluster_run.key_sent > 0  # online for real: the driver read the head's netrc and sent the key to W&B
     assert cluster_run.command_lines.looks > 10 and cluster_run.command_lines.found == set()
     named = [line for line in cluster_run.output.splitlines() if "W&B (http://127.0.0.1:" in line]
