@@ -80,7 +80,11 @@ class Cluster:
                             ["--head", f"--port={self.gcs}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={self.dashboard}", f"--ray-client-server-port={free_port()}",
                              "--node-name=head"])
-        wait_for_dashboard(self.dashboard, self.head)
+        try:
+            wait_for_dashboard(self.dashboard, self.head)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def add_worker(self) -> str:
         self.started += 1
