@@ -49,7 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import free_port, tiny_sweep, train_undisturbed, wandb_steps, weights_difference  # noqa: E402
+from conftest import free_port, tiny_sweep, train_undisturbed, wait_until, wandb_steps, weights_difference  # noqa: E402
 from ray_nodes import BIN, RayNode, ray_list, wait_for_dashboard  # noqa: E402
 
 from msad.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint  # noqa: E402
@@ -147,17 +147,7 @@ class Sweep:
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)  # `kill -9 PID`: the driver only, as an OOM killer would
-        self.proc.wait()
-
-
-def wait_until(check, timeout: float, what: str, poll: float = 0.2) -> float:
-    """Poll `check` until it holds; seconds it took. Fails in one line naming `what` after `timeout`."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"{what}: not after {timeout:.0f} s")
-        time.sleep(poll)
-    return time.monotonic() - start
+        self.proc.wait(timeout=30)
 
 
 def run_reference(out: Path, cluster: Cluster, widths: list[float], args: argparse.Namespace) -> dict[str, Path]:
@@ -167,7 +157,7 @@ def run_reference(out: Path, cluster: Cluster, widths: list[float], args: argpar
     start = time.monotonic()
     sweep.start()
     assert sweep.proc is not None
-    if sweep.proc.wait() != 0:
+    if sweep.proc.wait(timeout=args.timeout) != 0:
         raise RuntimeError(f"the fault-free sweep failed; see {sweep.log}")
     print(f"fault-free sweep: {time.monotonic() - start:.0f} s", flush=True)
     return {row.name: Path(row.checkpoint) for row in read_trial_summaries(out / "runs" / "reference")}
@@ -368,7 +358,8 @@ def markdown(compared: list[dict], kills: list[dict], driver: dict[str, float], 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/chaos"), help="output folder (emptied first)")
+    parser.add_argument("--out", type=Path, default=Path("runs/chaos"),
+                        help="output folder: new, empty, or an earlier run of this benchmark (replaced)")
     parser.add_argument("--seed", type=int, default=0, help="the killer's random seed (which node, when)")
     parser.add_argument("--gap", type=float, nargs=2, default=[20.0, 45.0], metavar=("MIN", "MAX"),
                         help="seconds between node kills, uniform")
@@ -394,7 +385,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = args.out.resolve()
-    shutil.rmtree(out, ignore_errors=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / "chaos.yaml").is_file():
+        sys.exit(f"--out {out}: not empty and not an earlier chaos run (no chaos.yaml); nothing was deleted")
+    shutil.rmtree(out, ignore_errors=True)  # an earlier run of this benchmark
     out.mkdir(parents=True)
     widths = [0.25] if args.quick else [0.25, 0.5]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}

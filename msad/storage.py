@@ -89,6 +89,8 @@ def outage_met(what: str, err: OSError, consequence: str) -> None:
 def outage_over() -> None:
     """The store answered the caller again after `outage_met` (said once, if nothing else said it)."""
     _Outage.answered()
+
+
 OUTAGE_KEY_PREFIX = "msad-storage-outage-"
 
 

@@ -186,6 +186,16 @@ def weights_difference(a: str | Path, b: str | Path) -> float:
                if first[k].is_floating_point() and first[k].numel())
 
 
+def wait_until(check, timeout: float, what: str, poll: float = 0.2) -> float:
+    """Poll `check` until it holds; the seconds it took. Raises TimeoutError naming `what` after `timeout`."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"{what}: not after {timeout:.0f} s")
+        time.sleep(poll)
+    return time.monotonic() - start
+
+
 def wandb_steps(run_dir: Path) -> list[int]:
     """The steps of an offline W&B run folder's history, in the order logged (read by wandb's own `leet inspect`)."""
     out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", str(run_dir), "--json"], check=True,

@@ -16,20 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_config
+from conftest import make_tiny_config, wait_until
 from tcp_proxy import SwitchableProxy, through
 
 from msad import console, storage
 from msad.engine.trainer import fit
 from msad.errors import RunFailedError
 from msad.sweep.experiment_files import ExperimentFiles
-
-
-def _wait_for(check, what: str, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
-        time.sleep(0.2)
 
 
 class Terminal(io.StringIO):
@@ -162,8 +155,8 @@ def test_a_checkpoint_upload_that_keeps_failing_fails_the_run_in_one_line(
         return [r["checkpoint_dir_name"] for r in json.loads(storage.read_bytes(snapshot))["checkpoint_results"]]
 
     # off once Train has registered checkpoint 2: the next thing to reach the store is checkpoint 4's upload
-    watcher = threading.Thread(target=lambda: (_wait_for(lambda: "checkpoint_0000002" in registered(),
-                                                         "checkpoint 2 registered"), proxy.off()), daemon=True)
+    watcher = threading.Thread(target=lambda: (wait_until(lambda: "checkpoint_0000002" in registered(), 240,
+                                                          "checkpoint 2 registered"), proxy.off()), daemon=True)
     watcher.start()
     start = time.monotonic()
     try:
