@@ -10,10 +10,10 @@ offline. It runs twice on the same cluster: first without faults (the reference)
 - a node kill every `--gap` seconds (uniform, seeded): a random live worker node loses its raylet and every process
   under it, as when a machine disappears; a replacement joins `--replace-after` seconds later, as an autoscaler
   would add one;
-- the driver (`launch.py`) is SIGKILLed once, 2 s after the first teacher's result row is written (between a
-  teacher's end and Tune's next experiment checkpoint; `--driver-kill-delay 0` can land inside Tune's own write of
-  its experiment state, which truncates it: a known, open fault), Ray's state API is asked until no placement
-  group of the killed driver's is left, and the same command runs again with `--resume`.
+- the driver (`launch.py`) is SIGKILLed once, the moment the first teacher's result row is written (between a
+  teacher's end and Tune's next experiment checkpoint, or inside Tune's write of it; `--driver-kill-delay` waits
+  longer), Ray's state API is asked until no placement group of the killed driver's is left, and the same command
+  runs again with `--resume`.
 
 Pass: every trial TERMINATED; every teacher's and student's final weights identical to the reference's (max
 difference 0); each trial's W&B history (its offline folders in order) holds no iteration twice, and misses only
@@ -223,8 +223,8 @@ def run_chaos(out: Path, cluster: Cluster, widths: list[float], args: argparse.N
     try:
         # the driver dies `--driver-kill-delay` s after the first teacher's row is written: Tune may not have
         # checkpointed the experiment since, so --resume must cope with a teacher that had ended. At 0 s the kill
-        # can land inside Tune's own write of its experiment state, which Tune does not write atomically: the file
-        # is left empty, and --resume then starts the experiment over without its students (found in CI; open)
+        # can also land inside Tune's write of its experiment state: before Ray's files went through temp file +
+        # rename (storage.AtomicLocalHandler) that left them empty, and --resume started over without the students
         wait_until(lambda: any((home / "results").glob("teacher-*.json")) or sweep.proc.poll() is not None,
                    args.timeout, "the first teacher's row", poll=0.05)
         time.sleep(args.driver_kill_delay)
@@ -369,9 +369,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds between node kills, uniform")
     parser.add_argument("--replace-after", type=float, default=5.0, help="seconds until a replacement node joins")
     parser.add_argument("--max-node-kills", type=int, default=100, help="stop killing nodes after this many")
-    parser.add_argument("--driver-kill-delay", type=float, default=2.0,
-                        help="seconds after the first teacher's row until the driver is killed (0: at once, which "
-                             "can truncate Tune's experiment state: a known, open fault)")
+    parser.add_argument("--driver-kill-delay", type=float, default=0.0,
+                        help="seconds after the first teacher's row until the driver is killed (0: at once)")
     parser.add_argument("--kill-student-at", type=int, default=0,
                         help="the first node kill: the node the student trains on, once it has saved this checkpoint "
                              "(one width only; 0: random, as every later one)")

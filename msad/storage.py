@@ -8,6 +8,10 @@ An object store can be down for a while (an outage, a network partition): an obj
 way an unreachable or overloaded store does is retried with backoff for `distributed.storage_retry_s`, then fails in
 one line naming the file and the setting; other errors (a missing file, a denied access) are raised at once.
 Each process says once that the store is failing and once that it is back, not once per attempt.
+
+Every file Ray writes goes in whole or not at all (`ray_storage`): an object store puts whole objects, and a local or
+NFS path gets a temp file renamed over the target, so a process killed mid-write never leaves a file a resume cannot
+read.
 """
 
 from __future__ import annotations
@@ -235,16 +239,161 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), resolve(location)
 
 
-def ray_storage(location: str) -> tuple[str, pafs.FileSystem | None]:
-    """`storage_path` and `storage_filesystem` for Ray's RunConfig: an object store behind `RetryingHandler`, so that
-    Ray Train's own writes (checkpoint uploads, its checkpoint list) wait out an outage too; a path as it is."""
+def ray_storage(location: str) -> tuple[str, pafs.FileSystem]:
+    """`storage_path` and `storage_filesystem` for Ray's RunConfigs (Tune's and Train's). An object store goes behind
+    `RetryingHandler`, so that Ray's own writes (checkpoint uploads, its checkpoint list) wait out an outage; a local
+    or NFS path behind `AtomicLocalHandler`, so that a process killed while Ray writes its state (a SIGKILLed driver,
+    a lost node) leaves the previous version of a file, never an empty or half one that a resume cannot read."""
     if not is_uri(location):
-        return resolve(location), None
+        return resolve(location), pafs.PyFileSystem(AtomicLocalHandler())
     _, path = pafs.FileSystem.from_uri(location)
     return path, pafs.PyFileSystem(RetryingHandler(location, _retry_s))
 
 
-class RetryingHandler(pafs.FileSystemHandler):
+class _PassThroughHandler(pafs.FileSystemHandler):
+    """A pyarrow filesystem handler that hands every call to the filesystem it wraps (`fs`) through `_call`; the
+    subclasses change how a call is made (retried) and how files are opened (whole transfers, renamed on close)."""
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        raise NotImplementedError
+
+    def _call(self, what: str, operation: Callable[[], T]) -> T:
+        return operation()
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self._call(f"looking up {paths[0] if len(paths) == 1 else f'{len(paths)} paths'}",
+                          lambda: self.fs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self._call(f"listing {selector.base_dir}", lambda: self.fs.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._call(f"creating {path}", lambda: self.fs.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path: str) -> None:
+        self._call(f"deleting {path}", lambda: self.fs.delete_dir(path))
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._call(f"deleting in {path}", lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+
+    def delete_root_dir_contents(self) -> None:
+        self._call("deleting everything", lambda: self.fs.delete_dir_contents("/", accept_root_dir=True))
+
+    def delete_file(self, path: str) -> None:
+        self._call(f"deleting {path}", lambda: self.fs.delete_file(path))
+
+    def move(self, src: str, dest: str) -> None:
+        self._call(f"moving {src}", lambda: self.fs.move(src, dest))
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._call(f"copying {src}", lambda: self.fs.copy_file(src, dest))
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return self._call(f"reading {path}", lambda: self.fs.open_input_stream(path, compression=None))
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return self._call(f"reading {path}", lambda: self.fs.open_input_file(path))
+
+    def open_output_stream(self, path: str, metadata: dict[str, str] | None) -> pa.NativeFile:
+        return self._call(f"writing {path}", lambda: self.fs.open_output_stream(path, compression=None,
+                                                                                metadata=metadata))
+
+    def open_append_stream(self, path: str, metadata: dict[str, str] | None) -> pa.NativeFile:
+        return self._call(f"appending to {path}", lambda: self.fs.open_append_stream(path, compression=None,
+                                                                                     metadata=metadata))
+
+
+class AtomicLocalHandler(_PassThroughHandler):
+    """The local filesystem (or an NFS mount), where a file written or copied goes to a hidden temp file beside it,
+    synced and renamed over the target when closed: a reader, or a run resumed after its writer was SIGKILLed,
+    finds the previous file or the whole new one. Ray writes its resume state in place (Tune's
+    experiment_state-*.json and searcher state, Train's checkpoint-manager snapshot), so a driver killed in the
+    middle of a write used to leave them empty, and `--resume` started the experiment over."""
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray ships RunConfig to its controller and workers
+        return AtomicLocalHandler, ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AtomicLocalHandler)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return pafs.LocalFileSystem()
+
+    def get_type_name(self) -> str:
+        return "msad-atomic+local"
+
+    def open_output_stream(self, path: str, metadata: dict[str, str] | None) -> pa.PythonFile:
+        return pa.PythonFile(_RenameOnClose(Path(path)), mode="w")
+
+    def copy_file(self, src: str, dest: str) -> None:
+        with open(src, "rb") as source, _RenameOnClose(Path(dest)) as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+
+
+class _WriteOnce:
+    """A write-only file for `pyarrow.PythonFile` that collects the bytes in `backing` and does its real work
+    (a rename, a put) when closed."""
+
+    def __init__(self, backing: IO[bytes]) -> None:
+        self.backing = backing
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        return self.backing.write(data)
+
+    def tell(self) -> int:
+        return self.backing.tell()
+
+    def flush(self) -> None:
+        self.backing.flush()
+
+    def writable(self) -> bool:
+        return True
+
+
+class _RenameOnClose(_WriteOnce):
+    """A file written under a unique hidden name beside `path` (created with the umask's permissions, as any other
+    file), renamed over `path` once it is closed whole. A writer killed before that leaves a `.<name>.*.partial`
+    file, which no reader of Ray's or msad's files lists, and `path` as it was."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.partial = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.partial")
+        super().__init__(os.fdopen(os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb"))
+
+    def close(self, keep: bool = True) -> None:
+        """Put the file in place (`keep`), or drop it (a copy that failed half-way)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if keep:
+                self.backing.flush()
+                os.fsync(self.backing.fileno())
+                self.backing.close()
+                os.replace(self.partial, self.path)
+        finally:
+            self.backing.close()
+            self.partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> _RenameOnClose:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self.close(keep=kind is None)
+
+
+class RetryingHandler(_PassThroughHandler):
     """An object-store filesystem whose every call is retried through an outage (`retrying`).
 
     Transfers are whole files, so that a connection cut half-way is retried too: a file opened for writing is
@@ -275,42 +424,11 @@ class RetryingHandler(pafs.FileSystemHandler):
             self._fs = pafs.FileSystem.from_uri(self.location)[0]
         return self._fs
 
-    def _retry(self, what: str, operation: Callable[[], T]) -> T:
+    def _call(self, what: str, operation: Callable[[], T]) -> T:
         return retrying(what, operation, self.retry_s)
 
     def get_type_name(self) -> str:
         return f"msad-retrying+{self.fs.type_name}"
-
-    def normalize_path(self, path: str) -> str:
-        return self.fs.normalize_path(path)
-
-    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
-        return self._retry(f"looking up {paths[0] if len(paths) == 1 else f'{len(paths)} paths'}",
-                           lambda: self.fs.get_file_info(paths))
-
-    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
-        return self._retry(f"listing {selector.base_dir}", lambda: self.fs.get_file_info(selector))
-
-    def create_dir(self, path: str, recursive: bool) -> None:
-        self._retry(f"creating {path}", lambda: self.fs.create_dir(path, recursive=recursive))
-
-    def delete_dir(self, path: str) -> None:
-        self._retry(f"deleting {path}", lambda: self.fs.delete_dir(path))
-
-    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-        self._retry(f"deleting in {path}", lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
-
-    def delete_root_dir_contents(self) -> None:
-        self._retry("deleting everything", lambda: self.fs.delete_dir_contents("/", accept_root_dir=True))
-
-    def delete_file(self, path: str) -> None:
-        self._retry(f"deleting {path}", lambda: self.fs.delete_file(path))
-
-    def move(self, src: str, dest: str) -> None:
-        self._retry(f"moving {src}", lambda: self.fs.move(src, dest))
-
-    def copy_file(self, src: str, dest: str) -> None:
-        self._retry(f"copying {src}", lambda: self.fs.copy_file(src, dest))
 
     def _fetch(self, path: str) -> pa.PythonFile:
         spool = tempfile.SpooledTemporaryFile(max_size=self.SPOOL_BYTES)  # noqa: SIM115 (PythonFile closes it)
@@ -321,7 +439,7 @@ class RetryingHandler(pafs.FileSystemHandler):
             with self.fs.open_input_stream(path, compression=None) as stream:
                 shutil.copyfileobj(stream, spool, 1 << 20)
 
-        self._retry(f"reading {path}", fetch)
+        self._call(f"reading {path}", fetch)
         spool.seek(0)
         return pa.PythonFile(spool, mode="r")
 
@@ -334,30 +452,13 @@ class RetryingHandler(pafs.FileSystemHandler):
     def open_output_stream(self, path: str, metadata: dict[str, str] | None) -> pa.PythonFile:
         return pa.PythonFile(_PutOnClose(self, path, metadata), mode="w")
 
-    def open_append_stream(self, path: str, metadata: dict[str, str] | None) -> pa.NativeFile:
-        return self._retry(f"appending to {path}", lambda: self.fs.open_append_stream(path, compression=None,
-                                                                                       metadata=metadata))
 
-
-class _PutOnClose:
+class _PutOnClose(_WriteOnce):
     """A file being written to an object store: spooled, then put whole (retried) when closed."""
 
     def __init__(self, handler: RetryingHandler, path: str, metadata: dict[str, str] | None) -> None:
         self.handler, self.path, self.metadata = handler, path, metadata
-        self.spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=handler.SPOOL_BYTES)  # noqa: SIM115
-        self.closed = False
-
-    def write(self, data: bytes) -> int:
-        return self.spool.write(data)
-
-    def tell(self) -> int:
-        return self.spool.tell()
-
-    def flush(self) -> None:
-        """Nothing to do: the data goes to the store in one put when the file is closed."""
-
-    def writable(self) -> bool:
-        return True
+        super().__init__(tempfile.SpooledTemporaryFile(max_size=handler.SPOOL_BYTES))  # noqa: SIM115
 
     def close(self) -> None:
         if self.closed:
@@ -365,14 +466,14 @@ class _PutOnClose:
         self.closed = True
 
         def put() -> None:
-            self.spool.seek(0)
+            self.backing.seek(0)
             with self.handler.fs.open_output_stream(self.path, compression=None, metadata=self.metadata) as stream:
-                shutil.copyfileobj(self.spool, stream, 1 << 20)
+                shutil.copyfileobj(self.backing, stream, 1 << 20)
 
         try:
-            self.handler._retry(f"writing {self.path}", put)
+            self.handler._call(f"writing {self.path}", put)
         finally:
-            self.spool.close()
+            self.backing.close()
 
 
 def uri_for(fs_path: str, like: str) -> str:

@@ -1,5 +1,5 @@
 """The chaos benchmark's short version (`benchmarks/chaos.py --quick`): a teacher -> student sweep on a three-node
-`ray start` cluster whose driver is SIGKILLed 2 s after the teacher's row is written and run again with `--resume`,
+`ray start` cluster whose driver is SIGKILLed as the teacher's row is written and run again with `--resume`,
 and whose student loses its node in the middle of its KD ramp, ends with the weights of the same configs trained
 without Ray or faults, every W&B step once, and no placement group of the killed driver left behind."""
 

@@ -179,7 +179,8 @@ def fit(cfg: Config, address: str | None = None, callbacks: list[Any] | None = N
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=d.run_name,
-            # an object store behind retries: checkpoint uploads and Train's checkpoint list wait out an outage
+            # an object store behind retries (uploads wait out an outage); a local path behind temp file + rename
+            # (a controller killed mid-write leaves Train's checkpoint list whole)
             storage_path=storage_path, storage_filesystem=storage_filesystem,
             callbacks=[*(callbacks or []), *([shown.forwarder] if shown else [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not a line per report per worker

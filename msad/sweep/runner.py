@@ -155,10 +155,14 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
                   + (f"; Ray's, Tune's and W&B's messages: {log}" if log else ""))
 
         trainable = tune.with_resources(run_trial, trial_driver_resources(sweep))
-        if exists and tune.Tuner.can_restore(experiment_dir):
+        # a local or NFS experiment: Tune's state files are written whole (temp file + rename), so a driver killed
+        # while Tune saves them leaves the previous state for --resume, not an empty file (object stores put whole)
+        tune_fs = None if storage.is_uri(experiment_dir) else storage.ray_storage(experiment_dir)[1]
+        if exists and tune.Tuner.can_restore(experiment_dir, storage_filesystem=tune_fs):
             files.pull(RESULTS_DIR)  # the rows so far, from wherever the experiment is stored
             # errored trials stay ERROR in Tune's list; the searcher hands them out again (TeacherFirstSearcher)
-            tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False)
+            tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False,
+                                       storage_filesystem=tune_fs)
         else:
             view = SweepView(sweep.spec.name, [planned_trial(t.tune_config()) for t in sweep.trials],
                              sweep.spec.max_concurrent_trials)
@@ -174,6 +178,7 @@ def run_sweep(spec_path: Path, overrides: list[str], address: str | None = None,
                 ),
                 run_config=tune.RunConfig(
                     name=sweep.spec.name, storage_path=storage.resolve(sweep.base.distributed.storage_path),
+                    storage_filesystem=tune_fs,
                     failure_config=tune.FailureConfig(max_failures=sweep.spec.trial_retries),
                     callbacks=[*([wandb] if wandb else []), TrialSummaryCallback(files, wandb),
                                SharedStorageWatch(sweep.base.distributed.storage_path, checked_nodes), view,
