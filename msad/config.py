@@ -453,6 +453,11 @@ def _suggest(key: str, names: list[str], prefix: str, root: type) -> str:
     return f"; valid keys here: {', '.join(names)}"
 
 
+# s3://key:secret@bucket/... (pyarrow reads credentials there) or a key, secret or token in the ?query
+CREDENTIALS_IN_URI = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#]*@|[?&](access_key|secret_key|session_token)=",
+                                re.IGNORECASE)
+
+
 def _check(condition: bool, key: str, value: Any, allowed: str) -> None:
     if not condition:
         raise UserError(f"{key}: invalid value {value!r}; allowed: {allowed}")
@@ -520,6 +525,10 @@ def validate(cfg: Config) -> Config:
            "a number of seconds >= 0 (0 = fail at the first error)")
     _check(bool(dist.run_name) and "/" not in dist.run_name, "distributed.run_name", dist.run_name,
            "a non-empty name without '/'")
+    if CREDENTIALS_IN_URI.search(dist.storage_path):  # named, never echoed: the value holds a secret
+        raise UserError("distributed.storage_path: the URI holds credentials (user:secret@ or a key in its ?query), "
+                        "and the path is printed and saved with every run; give them to the store's client instead "
+                        "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, an instance role)")
     return cfg
 
 

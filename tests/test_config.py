@@ -198,3 +198,16 @@ def test_original_yaml_turns_on_every_original_behaviour_the_departures_table_na
     assert original["train"]["giou_plus_one"] and original["train"]["teacher_batch_stats"]
     assert original["data"]["input_format"] == "bgr_255"
     assert original["train"]["amp"] == "off"  # fp32, as the original trained
+
+
+@pytest.mark.parametrize("uri", ["s3://AKIAEXAMPLE:s3cr3tCanary@bucket/runs",
+                                 "s3://bucket/runs?endpoint_override=localhost:9000&secret_key=s3cr3tCanary"])
+def test_credentials_in_the_storage_uri_are_refused_without_echoing_them(uri: str) -> None:
+    with pytest.raises(UserError) as info:
+        load_config(None, [f"distributed.storage_path={uri}"])
+    text = str(info.value)
+    assert text.startswith("distributed.storage_path: the URI holds credentials") and "\n" not in text
+    assert "s3cr3tCanary" not in text and "AKIA" not in text
+    # negative control: the same places without credentials load (a user@host path, an endpoint with a port)
+    for fine in ("s3://bucket/runs?endpoint_override=localhost:9000", "/nfs/user@site/runs", "gs://bucket/a@b"):
+        assert load_config(None, [f"distributed.storage_path={fine}"]).distributed.storage_path == fine
