@@ -250,6 +250,16 @@ def ray_storage(location: str) -> tuple[str, pafs.FileSystem]:
     return path, pafs.PyFileSystem(RetryingHandler(location, _retry_s))
 
 
+def local_folder(fs: pafs.FileSystem, path: str) -> Path | None:
+    """`path` as a folder on this machine when `fs` is the local disk (pyarrow's, or msad's `AtomicLocalHandler`),
+    else None. Read a local checkpoint where it is: Ray's `Checkpoint.as_directory()` copies any other filesystem's
+    into a temp folder named by the checkpoint's id, which the workers of a node share and a reader that stops early
+    leaves behind (a two-worker run that restored through it hung: one worker evaluating, the other reporting)."""
+    local = isinstance(fs, pafs.LocalFileSystem) or (
+        isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, AtomicLocalHandler))
+    return Path(path) if local else None
+
+
 class _PassThroughHandler(pafs.FileSystemHandler):
     """A pyarrow filesystem handler that hands every call to the filesystem it wraps (`fs`) through `_call`; the
     subclasses change how a call is made (retried) and how files are opened (whole transfers, renamed on close)."""

@@ -105,3 +105,13 @@ def test_the_handler_travels_to_rays_processes_and_compares_equal() -> None:
     _, fs = storage.ray_storage("/tmp/anywhere")
     assert pickle.loads(pickle.dumps(fs)) == fs
     assert fs.type_name == "py::msad-atomic+local"
+
+
+def test_local_checkpoints_are_read_where_they_are_and_object_store_ones_copied() -> None:
+    """Ray's as_directory() copies a checkpoint on any filesystem but pyarrow's own local one into a temp folder that
+    a node's workers share: a two-worker run restoring through it hung (one worker evaluating, one reporting)."""
+    assert storage.local_folder(storage.ray_storage("/tmp/runs")[1], "/tmp/runs/a/checkpoint_0000004") == Path(
+        "/tmp/runs/a/checkpoint_0000004")
+    assert storage.local_folder(pafs.LocalFileSystem(), "/x") == Path("/x")
+    s3 = pafs.PyFileSystem(storage.RetryingHandler("s3://bucket/runs?endpoint_override=127.0.0.1:9", 1.0))
+    assert storage.local_folder(s3, "bucket/runs/a/checkpoint_0000004") is None

@@ -456,7 +456,12 @@ class RayWorkerContext:
         reported = [r.checkpoint for r in self._train.get_all_reported_checkpoints()]
         ordered = sorted({c.path: c for c in [latest, *reported]}.values(), key=lambda c: c.path, reverse=True)
         for ckpt in ordered:  # names are checkpoint_<iteration>: newest first
-            with ckpt.as_directory() as directory:
+            if (folder := storage.local_folder(ckpt.filesystem, ckpt.path)) is not None:
+                yield folder / CHECKPOINT_FILE
+                continue
+            # an object store: a private copy (as_directory's is shared by the node's workers, see local_folder)
+            with tempfile.TemporaryDirectory(prefix="msad-restore-") as directory:
+                ckpt.to_directory(directory)
                 yield Path(directory) / CHECKPOINT_FILE
 
 
