@@ -118,7 +118,8 @@ class Cluster:
             shutil.rmtree(node.temp_dir, ignore_errors=True)
 
 
-def sweep_file(out: Path, name: str, widths: list[float], teacher_iterations: int, student_iterations: int) -> Path:
+def sweep_file(out: Path, name: str, widths: list[float], teacher_iterations: int, student_iterations: int,
+               workers: int = 1) -> Path:
     return tiny_sweep(out, out / "cache", name, {
         "teachers": {"grid": {"model.width": widths}},
         "students": {"grid": {"model.width": widths}, "config": {"train": {
@@ -128,7 +129,7 @@ def sweep_file(out: Path, name: str, widths: list[float], teacher_iterations: in
     }, iterations=teacher_iterations, config={
         "model": {"width_list": widths},
         # 1 CPU per worker: only worker nodes have a whole one free (the head's goes to trial drivers)
-        "distributed": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 20},
+        "distributed": {"num_workers": workers, "cpus_per_worker": 1, "max_failures": 20},
     })
 
 
@@ -153,7 +154,7 @@ class Sweep:
 
 def run_reference(out: Path, cluster: Cluster, widths: list[float], args: argparse.Namespace) -> dict[str, Path]:
     """The fault-free sweep on the same cluster; each trial's final checkpoint."""
-    path = sweep_file(out, "reference", widths, args.teacher_iterations, args.student_iterations)
+    path = sweep_file(out, "reference", widths, args.teacher_iterations, args.student_iterations, args.workers)
     sweep = Sweep(path, cluster, out / "reference.log")
     start = time.monotonic()
     sweep.start()
@@ -167,7 +168,7 @@ def run_reference(out: Path, cluster: Cluster, widths: list[float], args: argpar
 def run_chaos(out: Path, cluster: Cluster, widths: list[float], args: argparse.Namespace) -> tuple[Path, list[Kill],
                                                                                                   dict[str, float]]:
     """The same sweep under the killer; returns the experiment folder, the kills and the driver kill's numbers."""
-    path = sweep_file(out, "chaos", widths, args.teacher_iterations, args.student_iterations)
+    path = sweep_file(out, "chaos", widths, args.teacher_iterations, args.student_iterations, args.workers)
     home = out / "runs" / "chaos"
     sweep = Sweep(path, cluster, out / "chaos.log")
     rng = random.Random(args.seed)
@@ -181,15 +182,16 @@ def run_chaos(out: Path, cluster: Cluster, widths: list[float], args: argparse.N
     student_host: list[str] = []
 
     def student_node() -> str | None:
-        """The node the student's Train worker runs on, once the student has saved checkpoint `--kill-student-at`
-        (in the middle of its KD ramp). One trial trains at a time here (quick: one width), so the one live Train
-        worker, asked of Ray's state API as the student starts, is the student's."""
+        """The node the student's Train worker runs on (its rank-0 worker's, the first listed, with `--workers 2`),
+        once the student has saved checkpoint `--kill-student-at` (in the middle of its KD ramp). One trial trains
+        at a time here (quick: one width), so the live Train workers, asked of Ray's state API as the student
+        starts, are the student's."""
         run = next(iter(home.glob("runs/student-*")), None)
         if run is None:
             return None
         if not student_host:
             workers = ray_list("actors", cluster.dashboard, cluster.env, "class_name=RayTrainWorker", "state=ALIVE")
-            if len(workers) != 1:
+            if len(workers) != args.workers:
                 return None
             student_host.append(cluster.node_names()[workers[0]["node_id"]])
         return student_host[0] if (run / f"checkpoint_{args.kill_student_at:07d}").exists() else None
@@ -374,6 +376,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kill-student-at", type=int, default=0,
                         help="the first node kill: the node the student trains on, once it has saved this checkpoint "
                              "(one width only; 0: random, as every later one)")
+    parser.add_argument("--workers", type=int, default=1, choices=[1, 2],
+                        help="Train workers per trial (1 CPU each: with 2, a trial spans both worker nodes)")
     parser.add_argument("--teacher-iterations", type=int, default=60)
     parser.add_argument("--student-iterations", type=int, default=30)
     parser.add_argument("--reference", choices=["sweep", "in-process"], default="sweep",
@@ -383,6 +387,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="one width, shorter runs, one node kill (with the driver kill): the CI version")
     args = parser.parse_args(argv)
+    if args.workers > 1 and args.reference == "in-process":
+        parser.error("--workers 2 needs --reference sweep: one process without Ray does not train as two workers")
     if args.quick:
         args.teacher_iterations, args.student_iterations, args.max_node_kills, args.kill_student_at = 24, 16, 1, 4
     return args
