@@ -182,7 +182,7 @@ def run_chaos(out: Path, cluster: Cluster, widths: list[float], args: argparse.N
     student_host: list[str] = []
 
     def student_node() -> str | None:
-        """The node the student's Train worker runs on (its rank-0 worker's, the first listed, with `--workers 2`),
+        """The node the student's Train worker runs on (its rank-0 worker's, with `--workers 2`),
         once the student has saved checkpoint `--kill-student-at` (in the middle of its KD ramp). One trial trains
         at a time here (quick: one width), so the live Train workers, asked of Ray's state API as the student
         starts, are the student's."""
@@ -193,7 +193,15 @@ def run_chaos(out: Path, cluster: Cluster, widths: list[float], args: argparse.N
             workers = ray_list("actors", cluster.dashboard, cluster.env, "class_name=RayTrainWorker", "state=ALIVE")
             if len(workers) != args.workers:
                 return None
-            student_host.append(cluster.node_names()[workers[0]["node_id"]])
+            if args.workers == 1:
+                student_host.append(cluster.node_names()[workers[0]["node_id"]])
+            else:  # rank 0's node, where its reports come from (the state API lists workers in no rank order): the
+                # kill then hits a worker whose reports time the recovery
+                written = sorted(home.glob("student-*/result.json"), key=lambda f: f.stat().st_mtime)  # Tune's
+                rows = reports(written[-1].parent) if written else []
+                if not rows:
+                    return None
+                student_host.append(cluster.node_names()[rows[-1]["node_id"]])
         return student_host[0] if (run / f"checkpoint_{args.kill_student_at:07d}").exists() else None
 
     def node_killer() -> None:

@@ -218,6 +218,6 @@ def test_compiled_network_keeps_parameter_names_and_computes_the_same_losses(tmp
     got = loss_terms(compiled(batch.images, batch.targets))
     assert got.keys() == expected.keys()
     for name in expected:
-        assert float(got[name]) == pytest.approx(float(expected[name]), rel=1e-4, abs=1e-5), name
+        assert float(got[name].detach()) == pytest.approx(float(expected[name].detach()), rel=1e-4, abs=1e-5), name
     sum(got.values()).backward()
     assert all(p.grad is not None for p in compiled.head.parameters() if p.requires_grad)
