@@ -24,6 +24,7 @@ import shutil
 import socket
 import tempfile
 import time
+from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -265,8 +266,9 @@ class _PassThroughHandler(pafs.FileSystemHandler):
     subclasses change how a call is made (retried) and how files are opened (whole transfers, renamed on close)."""
 
     @property
+    @abstractmethod
     def fs(self) -> pafs.FileSystem:
-        raise NotImplementedError
+        """The filesystem every call is handed to."""
 
     def _call(self, what: str, operation: Callable[[], T]) -> T:
         return operation()
